@@ -1,0 +1,49 @@
+# imcap: train, evaluate and use CNN→RNN image captioning models.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.install.stamp
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-slow test-all lint format clean bench bench-data
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install imcap with its dev tools
+
+train: $(STAMP) ## train on the built-in synthetic dataset (pass ARGS="encoder=resnet50 ...")
+	$(PY) src/train.py $(ARGS)
+
+test: $(STAMP) ## fast test tier (< 15 min on 2 CPU cores)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-slow: $(STAMP) ## slow tier: real data, longer training
+	$(PY) -m pytest -m "slow" -q
+
+test-all: $(STAMP) ## every test
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff check + format check
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+
+format: $(STAMP) ## ruff fix + format
+	$(PY) -m ruff check --fix src tests bench
+	$(PY) -m ruff format src tests bench
+
+bench: $(STAMP) ## speed benchmarks (JSON in bench/results/)
+	$(PY) bench/speed.py $(ARGS)
+
+bench-data: $(STAMP) ## Flickr8k two-step benchmark: extraction, epochs, val scores (JSON)
+	$(PY) bench/flickr8k.py $(ARGS)
+
+clean: ## remove run outputs and caches (keeps .venv and data/)
+	rm -rf outputs .pytest_cache .ruff_cache lightning_logs wandb
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
