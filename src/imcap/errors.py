@@ -25,7 +25,10 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 err = err.__cause__ or err.__context__
             if err is None:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            msg = str(err)
+            if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the message
+                msg = msg.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+            print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

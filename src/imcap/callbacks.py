@@ -1,0 +1,165 @@
+"""Callbacks: sample captions for people to read, and staged CNN fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+from timm.models import group_parameters
+
+from imcap.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class SampleCaptions(L.Callback):
+    """After every validation: a fixed set of val images with their generated caption and
+    references, written as JSON and sent to the loggers that can show it (TensorBoard text,
+    W&B table with the images)."""
+
+    def __init__(self, num_samples: int = 8, dirpath: str | None = None) -> None:
+        self.num_samples, self.dirpath = num_samples, dirpath
+        self.latest: Path | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        preds = getattr(pl_module, "predictions", {}).get("val")
+        if trainer.sanity_checking or not preds or not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        refs = dm.references("val")
+        paths = {r.image_id: str(r.path) for r in dm.load_records()["val"]}
+        ids = sorted(preds)[: self.num_samples]
+        rows = [
+            {
+                "image_id": i,
+                "image": paths.get(i),
+                "caption": preds[i],
+                "references": refs.get(i, []),
+            }
+            for i in ids
+        ]
+        if self.dirpath:
+            out = Path(self.dirpath)
+            out.mkdir(parents=True, exist_ok=True)
+            name = (
+                f"val_epoch_{trainer.current_epoch:03d}"
+                if trainer.state.fn == "fit"
+                else "val_best"
+            )
+            self.latest = out / f"{name}.json"
+            self.latest.write_text(json.dumps(rows, indent=1))
+        for logger in trainer.loggers:
+            self._send(logger, rows, trainer.current_epoch, trainer.global_step)
+
+    @staticmethod
+    def _send(logger: Any, rows: list[dict], epoch: int, step: int) -> None:
+        name = type(logger).__name__
+        if name == "TensorBoardLogger":
+            text = "\n\n".join(
+                f"**{r['image_id']}**: {r['caption']}  \n_refs_: {' | '.join(r['references'])}"
+                for r in rows
+            )
+            logger.experiment.add_text("val/samples", text, global_step=step)
+        elif name == "WandbLogger":
+            import wandb
+
+            data = [
+                [
+                    wandb.Image(r["image"]) if r["image"] else None,
+                    r["caption"],
+                    " | ".join(r["references"]),
+                ]
+                for r in rows
+            ]
+            logger.log_table(
+                key="val/samples", columns=["image", "caption", "references"], data=data, step=step
+            )
+
+
+class EncoderFinetuning(BaseFinetuning):
+    """Unfreeze the CNN (all of it, or its last N parameter groups in timm's coarse grouping)
+    at epoch `start_epoch`, with its own learning rate. BatchNorm statistics stay frozen."""
+
+    def __init__(
+        self, start_epoch: int | None = None, last_n_blocks: int | None = None, lr: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.start_epoch, self.last_n_blocks, self.lr = start_epoch, last_n_blocks, lr
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.start_epoch is not None
+            and getattr(trainer.datamodule, "mode", "joint") == "two_step"
+        ):
+            raise UserError(
+                "encoder.finetune.start_epoch needs mode=joint (two-step trains on frozen features)"
+            )
+        super().on_fit_start(trainer, pl_module)
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        if self.start_epoch is not None and not pl_module.encoder.trainable:
+            self.freeze(pl_module.encoder.model, train_bn=False)
+
+    def _blocks(self, pl_module: L.LightningModule) -> list:
+        model = pl_module.encoder.model
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        names = [names for _, names in sorted(groups.items())]
+        if self.last_n_blocks:
+            names = names[-int(self.last_n_blocks) :]
+        params = dict(model.named_parameters())
+        return [params[n] for group in names for n in group if n in params]
+
+    def finetune_function(
+        self, pl_module: L.LightningModule, current_epoch: int, optimizer: Any
+    ) -> None:
+        if (
+            self.start_epoch is None
+            or current_epoch != self.start_epoch
+            or pl_module.encoder.trainable
+        ):
+            return
+        params = [p for p in self._blocks(pl_module) if not p.requires_grad]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer.add_param_group({"params": params, "lr": self.lr})
+        log.info(
+            "epoch %d: fine-tuning %d encoder tensors at lr %g", current_epoch, len(params), self.lr
+        )
+
+
+class Curves(L.Callback):
+    """Per-epoch training loss and validation scores, drawn to `curves.png` after every epoch
+    (so an interrupted run still has its curves) and sent to image-capable loggers."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.history: list[dict[str, float]] = []
+        self._loss_sum, self._loss_n = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._loss_sum += float(loss.detach())
+            self._loss_n += 1
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        row = {"epoch": trainer.current_epoch}
+        if self._loss_n:
+            row["train/loss"] = self._loss_sum / self._loss_n
+        self._loss_sum, self._loss_n = 0.0, 0
+        for k, v in getattr(pl_module, "scores", {}).get("val", {}).items():
+            row[f"val/{k}"] = v
+        self.history.append(row)
+        if self.path:
+            from imcap.viz import curves_figure
+
+            fig = curves_figure(self.history, self.path)
+            for logger in trainer.loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    logger.log_image(key="curves", images=[str(fig)], step=trainer.global_step)

@@ -1,0 +1,438 @@
+"""One LightningDataModule for every dataset, in two modes.
+
+- joint:    batches carry images; the encoder runs every step (needed to fine-tune the CNN).
+- two_step: the frozen encoder runs once over every image (`imcap.features`), and training
+            batches are gathered from the cached features held on the training device: the
+            DataLoader yields only index tensors, so the hot loop does no per-item Python work.
+
+Training batches are (image, caption) pairs padded to the longest caption; val/test batches
+hold each image once, and its references come from `references(split)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import pydoc
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from imcap.encoder import Encoder
+from imcap.errors import UserError
+from imcap.features import CachedFeatures, ensure_features
+from imcap.images import ImageFiles, check_policy, collate_images, load_image, make_transform
+from imcap.records import SPLITS, ImageRecord
+from imcap.text import Vocab, tokenize
+
+log = logging.getLogger(__name__)
+
+MODES = ("two_step", "joint")
+
+
+def encode_caption(vocab: Vocab, caption: str) -> list[int]:
+    """<bos> w1 .. wn <eos> ids of a raw caption."""
+    return [vocab.bos_id, *vocab.encode(tokenize(caption)), vocab.eos_id]
+
+
+def pad_tokens(seqs: list[list[int]], pad: int = 0, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), length), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s[:length])
+    return out
+
+
+class IndexBatches(Dataset):
+    """Indices only: `__getitems__` turns a sampled batch of indices into one tensor."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __getitems__(self, idx: list[int]) -> torch.Tensor:
+        return torch.tensor(idx, dtype=torch.long)
+
+
+class CaptionsPerImage(Sampler[int]):
+    """Each epoch, `k` random captions of every image (without replacement), shuffled.
+
+    An "epoch" then means one pass over the images, not over all ~5x as many captions: the
+    usual choice on a CPU, and every caption is still seen across epochs.
+    """
+
+    def __init__(self, rows: torch.Tensor, k: int, seed: int = 0) -> None:
+        self.k = k
+        order = torch.argsort(rows, stable=True)  # caption indices grouped by image
+        _, counts = torch.unique_consecutive(rows[order], return_counts=True)
+        self.groups = torch.split(order, counts.tolist())
+        self.generator = torch.Generator().manual_seed(seed)
+        self.n = sum(min(k, len(g)) for g in self.groups)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = self.generator
+        picks = [grp[torch.randperm(len(grp), generator=g)[: self.k]] for grp in self.groups]
+        chosen = torch.cat(picks)
+        return iter(chosen[torch.randperm(len(chosen), generator=g)].tolist())
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class PairImages(Dataset):
+    """Joint training: one item per (image, caption) pair -> (image tensor, token ids)."""
+
+    def __init__(self, files: ImageFiles, pairs: np.ndarray, tokens: list[list[int]]) -> None:
+        self.files, self.pairs, self.tokens = (
+            files,
+            pairs,
+            tokens,
+        )  # pairs: (P, 2) [image row, caption row]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        row, cap = self.pairs[i]
+        _, image = self.files[int(row)]
+        return image, self.tokens[int(cap)]
+
+
+def collate_pairs(items: list) -> dict[str, Any]:
+    good = [(x, t) for x, t in items if x is not None]
+    if not good:
+        return {
+            "images": torch.empty(0),
+            "tokens": torch.empty(0, 0, dtype=torch.long),
+            "bad": len(items),
+        }
+    return {
+        "images": torch.stack([x for x, _ in good]),  # (B, 3, H, W)
+        "tokens": pad_tokens([t for _, t in good]),  # (B, T+2)
+        "bad": len(items) - len(good),
+    }
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Records -> vocabulary -> (cached features | images) -> batches."""
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        loader: str = "imcap.datasets.load_records",
+        source: dict | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 100,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        vocab: dict | None = None,
+        bad_images: str = "skip",
+        cache_dir: str = ".cache/features",
+        max_train_images: int | None = None,
+        max_eval_images: int | None = None,
+        split: str = "test",
+        blind: bool = False,
+        captions_per_image: int | None = None,
+        seed: int = 0,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        self.name, self.root = name, str(root)
+        self.loader, self.source = loader, dict(source or {})
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.vocab_cfg = {"min_count": 1, "max_len": 20, **(vocab or {})}
+        self.bad_images = check_policy(bad_images)
+        self.cache_dir = cache_dir
+        self.max_train_images, self.max_eval_images = max_train_images, max_eval_images
+        self.split = split
+        self.blind = blind  # ablation: every image becomes the same blank input
+        self.captions_per_image, self.seed = captions_per_image, seed
+        self.records: dict[str, list[ImageRecord]] | None = None
+        self.vocab: Vocab | None = None
+        self.encoder: Encoder | None = None
+        self.mode = "joint"
+        self.grid = False
+        self.cache: CachedFeatures | None = None
+        self.bad_counts: dict[str, int] = defaultdict(int)
+
+    # -- records and vocabulary ---------------------------------------------------------------
+    def load_records(self) -> dict[str, list[ImageRecord]]:
+        """All splits' records (cached on the instance)."""
+        if self.records is None:
+            fn = pydoc.locate(self.loader)
+            if not callable(fn):
+                raise UserError(f"data.loader '{self.loader}' is not an importable function")
+            kwargs = dict(self.source)
+            if "name" in inspect.signature(fn).parameters:
+                kwargs["name"] = self.name
+            records = fn(root=self.root, **kwargs)
+            by_split: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
+            for r in records:
+                by_split.setdefault(r.split, []).append(r)
+            if self.max_train_images:
+                by_split["train"] = by_split["train"][: self.max_train_images]
+            if self.max_eval_images:
+                for s in ("val", "test"):
+                    by_split[s] = by_split[s][: self.max_eval_images]
+            if not by_split["train"]:
+                raise UserError(f"dataset '{self.name}' at {self.root} has no training images")
+            self.records = by_split
+            sizes = ", ".join(f"{s} {len(v)}" for s, v in by_split.items())
+            log.info("dataset %s (%s): %s images", self.name, self.root, sizes)
+        return self.records
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.load_records().get(split))
+
+    def require_split(self, split: str) -> list[ImageRecord]:
+        recs = self.load_records().get(split)
+        if not recs:
+            present = [s for s, v in self.load_records().items() if v]
+            raise UserError(
+                f"dataset '{self.name}' at {self.root} has no '{split}' split (it has {present}). "
+                f"Score another split, e.g. data.split={'val' if 'val' in present else present[0]}"
+            )
+        return recs
+
+    def build_vocab(self, vocab: Vocab | None = None) -> Vocab:
+        """Vocabulary from the train split, or the given one (e.g. a checkpoint's)."""
+        if vocab is None:
+            caps = (tokenize(c) for r in self.load_records()["train"] for c in r.captions)
+            vocab = Vocab.build(caps, **self.vocab_cfg)
+        self.vocab = vocab
+        return vocab
+
+    def references(self, split: str) -> dict[str, list[str]]:
+        return {r.image_id: list(r.captions) for r in self.require_split(split)}
+
+    # -- encoder hookup -----------------------------------------------------------------------
+    def attach(self, encoder: Encoder, mode: str = "two_step", grid: bool = False) -> None:
+        """Use this encoder's transform (joint) or cached features (two_step)."""
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+        self.encoder, self.mode, self.grid = encoder, mode, grid
+
+    def _splits_in_use(self) -> list[str]:
+        return [s for s in SPLITS if self.load_records().get(s)]
+
+    def _all_records(self) -> list[ImageRecord]:
+        return [r for s in self._splits_in_use() for r in self.load_records()[s]]
+
+    def prepare_data(self) -> None:
+        """Two-step: extract features once (rank 0 only, under DDP)."""
+        if self.mode == "two_step":
+            self._ensure_cache()
+
+    def _ensure_cache(self) -> CachedFeatures:
+        if self.cache is None:
+            if self.encoder is None:
+                raise RuntimeError("call attach(encoder, mode) before using the datamodule")
+            paths = [r.path for r in self._all_records()]
+            self.cache = ensure_features(
+                self.encoder,
+                paths,
+                self.cache_dir,
+                self.name,
+                grid=self.grid,
+                batch_size=self.eval_batch_size,
+                num_workers=self.num_workers,
+                bad_images=self.bad_images,
+            )
+            if self.cache.bad:
+                self.bad_counts["extraction"] = len(self.cache.bad)
+        return self.cache
+
+    # -- datasets -----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.vocab is None:
+            self.build_vocab()
+        records = self._all_records()
+        self.row_of = {r.image_id: i for i, r in enumerate(records)}
+        self._bank: dict[str, torch.Tensor] = {}
+        bad: set[int] = set()
+        if self.mode == "two_step":
+            cache = self._ensure_cache()
+            bad = cache.bad
+            # Whole cache in memory (float16 grids stay float16 until gathered).
+            self._bank["pooled"] = torch.from_numpy(np.asarray(cache.pooled, dtype=np.float32))
+            if self.grid:
+                self._bank["grid"] = torch.from_numpy(np.ascontiguousarray(cache.grid))
+        # Training captions, pre-encoded once: (P, L) ids, their lengths and image rows.
+        tokens, rows = [], []
+        for r in self.load_records()["train"]:
+            row = self.row_of[r.image_id]
+            if row in bad:
+                continue
+            for c in r.captions:
+                tokens.append(encode_caption(self.vocab, c))
+                rows.append(row)
+        if not tokens:
+            raise UserError(f"dataset '{self.name}' at {self.root}: no usable training captions")
+        self.train_tokens = pad_tokens(tokens, self.vocab.pad_id, self.vocab.max_len + 2)  # (P, L)
+        self.train_lengths = torch.tensor([len(t) for t in tokens])  # (P,)
+        self.train_rows = torch.tensor(rows)  # (P,)
+        self._token_lists = tokens
+        self.eval_rows = {
+            s: [
+                self.row_of[r.image_id]
+                for r in self.load_records()[s]
+                if self.row_of[r.image_id] not in bad
+            ]
+            for s in self._splits_in_use()
+        }
+        self._device_bank: dict[str, torch.Tensor] = {}
+
+    def _files(self, records: list[ImageRecord]) -> ImageFiles:
+        return ImageFiles(
+            [r.path for r in records], make_transform(self.encoder.data_config), self.bad_images
+        )
+
+    def _pin(self) -> bool:
+        return torch.cuda.is_available() if self.pin_memory is None else bool(self.pin_memory)
+
+    def _train_sampler(self) -> dict[str, Any]:
+        if self.captions_per_image:
+            return {
+                "sampler": CaptionsPerImage(
+                    self.train_rows, int(self.captions_per_image), self.seed
+                )
+            }
+        return {"shuffle": True}
+
+    def train_dataloader(self) -> DataLoader:
+        if self.mode == "two_step":
+            return DataLoader(
+                IndexBatches(len(self.train_rows)),
+                batch_size=self.batch_size,
+                collate_fn=_identity,
+                drop_last=False,
+                **self._train_sampler(),
+            )
+        records = self._all_records()
+        pairs = np.stack([self.train_rows.numpy(), np.arange(len(self.train_rows))], 1)
+        return DataLoader(
+            PairImages(self._files(records), pairs, self._token_lists),
+            batch_size=self.batch_size,
+            **self._train_sampler(),
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            pin_memory=self._pin(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        rows = self.eval_rows.get(split) or []
+        if not rows:
+            self.require_split(split)
+        if self.mode == "two_step":
+            ds: Dataset = _Subset(IndexBatches(len(self.row_of)), rows)
+            return DataLoader(
+                ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=_identity
+            )
+        records = self._all_records()
+        ds = _Subset(self._files(records), rows)
+        return DataLoader(
+            ds,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+            pin_memory=self._pin(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader(self.split)  # "test" in training; eval.py may pick another
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        return self._eval_dataloader(split)
+
+    # -- batch assembly -----------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+        """Turn raw loader output into a batch dict (still on the CPU)."""
+        if isinstance(batch, torch.Tensor):  # two-step: indices
+            if self.trainer is not None and self.trainer.training:
+                T = int(self.train_lengths[batch].max())  # trim padding to this batch's longest
+                return {"pairs": batch, "T": T}
+            return {"rows": batch, "image_ids": self._ids(batch)}
+        if "tokens" in batch:  # joint training
+            if batch["bad"]:
+                self.bad_counts["train"] += int(batch["bad"])
+            if self.blind:
+                batch["images"].zero_()
+            return batch
+        # joint evaluation: `index` are row numbers in the file list
+        if batch["bad"].numel():
+            self.bad_counts["eval"] += int(batch["bad"].numel())
+        images = batch["images"].zero_() if self.blind else batch["images"]
+        return {"images": images, "image_ids": self._ids(batch["index"])}
+
+    def _ids(self, rows: torch.Tensor) -> list[str]:
+        records = self._all_records()
+        return [records[i].image_id for i in rows.tolist()]
+
+    def _on(self, key: str, device: torch.device) -> torch.Tensor:
+        """A bank tensor on `device`, moved there once."""
+        t = self._device_bank.get(key)
+        if t is None or t.device != device:
+            src = {"train_tokens": self.train_tokens, "train_rows": self.train_rows}.get(key)
+            t = (src if src is not None else self._bank[key]).to(device)
+            self._device_bank[key] = t
+        return t
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Two-step: gather features (and caption ids) on the training device."""
+        if "pairs" in batch:
+            idx, device = batch["pairs"], batch["pairs"].device
+            rows = self._on("train_rows", device)[idx]  # (B,)
+            out = {"tokens": self._on("train_tokens", device)[idx, : batch["T"]]}  # (B, T+2)
+        elif "rows" in batch:
+            rows, device = batch["rows"], batch["rows"].device
+            out = {"image_ids": batch["image_ids"]}
+        else:
+            return batch
+        out["pooled"] = self._on("pooled", device)[rows]  # (B, C)
+        if self.grid:
+            out["grid"] = self._on("grid", device)[rows].float()  # (B, R, C')
+        if self.blind:
+            out = {k: v.zero_() if k in ("pooled", "grid") else v for k, v in out.items()}
+        return out
+
+    def load_image(self, path: str | Path) -> torch.Tensor:
+        return make_transform(self.encoder.data_config)(load_image(path))
+
+
+class _Subset(Dataset):
+    """Rows of a dataset (keeps `__getitems__`, unlike torch's Subset for our index tensors)."""
+
+    def __init__(self, ds: Dataset, rows: list[int]) -> None:
+        self.ds, self.rows = ds, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.ds[self.rows[i]]
+
+    def __getitems__(self, idx: list[int]):
+        if hasattr(self.ds, "__getitems__"):
+            return self.ds.__getitems__([self.rows[i] for i in idx])
+        return [self.ds[self.rows[i]] for i in idx]

@@ -1,0 +1,213 @@
+"""Step 1 of two-step training: run the frozen encoder once, cache its outputs on disk.
+
+A cache is a folder of memory-mapped float16 arrays plus a manifest:
+
+    <cache_dir>/<dataset>/<key>/
+        manifest.json   encoder, weights fingerprint, transform, dataset, image list, shapes, bad images
+        pooled.f16      (N, C)    pooled vectors        (Show and Tell)
+        grid.f16        (N, R, C') spatial maps, R regions (Show, Attend and Tell), when asked for
+
+The key hashes everything that changes the numbers (encoder name, weights, transform,
+dataset, image list, grid or not), so a changed encoder or dataset gets a new cache while
+every run and sweep trial with the same inputs reuses the old one. Extraction holds a file
+lock, so two runs that start at once extract once; a cache only appears when complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from imcap.encoder import Encoder
+from imcap.images import ImageFiles, collate_images, make_transform
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class CachedFeatures:
+    """Read-only views of a cache; row i belongs to `paths[i]`."""
+
+    directory: Path
+    manifest: dict
+    pooled: np.ndarray  # (N, C) float16, memory-mapped
+    grid: np.ndarray | None  # (N, R, C') float16, memory-mapped
+
+    @property
+    def bad(self) -> set[int]:
+        return set(self.manifest["bad_rows"])
+
+
+def cache_key(
+    encoder: Encoder, dataset: str, paths: Sequence[Path], grid: bool
+) -> tuple[str, dict]:
+    """Hash of everything that determines the cached numbers, and the manifest describing it."""
+    ident = {
+        "version": CACHE_VERSION,
+        "encoder": encoder.name,
+        "weights": str(encoder.pretrained),
+        "weights_fingerprint": encoder.weights_fingerprint(),
+        "transform": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in encoder.data_config.items()
+        },
+        "dataset": dataset,
+        "images_sha1": hashlib.sha1("\n".join(str(p) for p in paths).encode()).hexdigest(),
+        "num_images": len(paths),
+        "grid": grid,
+    }
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return key, ident
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_cache(directory: Path) -> CachedFeatures:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    n = manifest["num_images"]
+    pooled = np.memmap(
+        directory / "pooled.f16", dtype=np.float16, mode="r", shape=(n, manifest["pooled_dim"])
+    )
+    grid = None
+    if manifest["grid"]:
+        shape = (n, manifest["grid_regions"], manifest["grid_dim"])
+        grid = np.memmap(directory / "grid.f16", dtype=np.float16, mode="r", shape=shape)
+    return CachedFeatures(directory, manifest, pooled, grid)
+
+
+def ensure_features(
+    encoder: Encoder,
+    paths: Sequence[Path],
+    cache_dir: str | Path,
+    dataset: str,
+    grid: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    bad_images: str = "skip",
+    device: str | torch.device | None = None,
+) -> CachedFeatures:
+    """Return the cache for these images and this encoder, extracting it first if needed."""
+    paths = [Path(p) for p in paths]
+    key, ident = cache_key(encoder, dataset, paths, grid)
+    directory = Path(cache_dir) / dataset / key
+    if (directory / "manifest.json").exists():
+        log.info("feature cache hit: %s", directory)
+        return open_cache(directory)
+    with _locked(Path(cache_dir) / dataset / f"{key}.lock"):
+        if (directory / "manifest.json").exists():  # another run finished it while we waited
+            return open_cache(directory)
+        tmp = directory.with_name(f"{key}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            manifest = _extract(
+                encoder, paths, tmp, ident, grid, batch_size, num_workers, bad_images, device
+            )
+            (tmp / "images.txt").write_text("\n".join(str(p) for p in paths))
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return open_cache(directory)
+
+
+@torch.no_grad()
+def _extract(
+    encoder: Encoder,
+    paths: list[Path],
+    out: Path,
+    ident: dict,
+    grid: bool,
+    batch_size: int,
+    num_workers: int,
+    bad_images: str,
+    device: str | torch.device | None,
+) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    was_training = encoder.training
+    encoder.eval().to(device)
+    files = ImageFiles(paths, make_transform(encoder.data_config), bad_images)
+    loader = DataLoader(
+        files,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    n = len(paths)
+    pooled = grid_mm = None
+    bad: list[int] = []
+    start = time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for batch in tqdm(
+        loader, desc=f"extracting {ident['encoder']} features", unit="batch", dynamic_ncols=True
+    ):
+        bad += batch["bad"].tolist()
+        if batch["index"].numel() == 0:
+            continue
+        x = batch["images"].to(device, non_blocking=True)
+        with autocast:
+            feats = encoder(x, grid=grid)
+        idx = batch["index"].numpy()
+        if pooled is None:  # shapes known after the first batch
+            pooled = np.memmap(
+                out / "pooled.f16", dtype=np.float16, mode="w+", shape=(n, feats.pooled.size(1))
+            )
+            if grid:
+                shape = (n, feats.grid.size(1), feats.grid.size(2))
+                grid_mm = np.memmap(out / "grid.f16", dtype=np.float16, mode="w+", shape=shape)
+        pooled[idx] = feats.pooled.float().cpu().numpy().astype(np.float16)
+        if grid:
+            grid_mm[idx] = feats.grid.float().cpu().numpy().astype(np.float16)
+    if pooled is None:
+        from imcap.errors import UserError
+
+        raise UserError(f"no readable image among {n} (first: {paths[0] if paths else None})")
+    pooled.flush()
+    if grid_mm is not None:
+        grid_mm.flush()
+    seconds = time.perf_counter() - start
+    encoder.train(was_training)
+    if bad:
+        log.warning(
+            "feature extraction skipped %d unreadable image(s), e.g. %s",
+            len(bad),
+            [str(paths[i]) for i in bad[:3]],
+        )
+    log.info("extracted %d images in %.1fs (%.1f images/s)", n, seconds, n / max(seconds, 1e-9))
+    return {
+        **ident,
+        "pooled_dim": int(pooled.shape[1]),
+        "grid_regions": int(grid_mm.shape[1]) if grid_mm is not None else None,
+        "grid_dim": int(grid_mm.shape[2]) if grid_mm is not None else None,
+        "bad_rows": sorted(bad),
+        "bad_files": [str(paths[i]) for i in sorted(bad)],
+        "seconds": round(seconds, 2),
+        "images_per_second": round(n / max(seconds, 1e-9), 2),
+        "device": str(device),
+    }

@@ -1,0 +1,285 @@
+"""Captioner: encoder -> decoder, trained with cross-entropy, scored on free-running captions.
+
+Checkpoints describe themselves: the vocabulary and every constructor argument are plain
+Python values in `hparams`, so `Captioner.load_from_checkpoint(path)` rebuilds the model with
+no Hydra config and produces the same captions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pydoc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from imcap.decoder import CaptionDecoder
+from imcap.decoding import Decoded, beam_search, greedy
+from imcap.encoder import Encoder, Features
+from imcap.errors import UserError
+from imcap.text import Vocab
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIM = {
+    "lr": 4e-4,
+    "weight_decay": 0.0,
+    "encoder_lr": 1e-5,
+    "scheduler": "cosine",
+    "warmup_steps": 0,
+}
+DEFAULT_LOSS = {"label_smoothing": 0.0, "attention_reg": 1.0, "ss_prob": 0.0, "ss_ramp_epochs": 0}
+DEFAULT_DECODING = {"beam_size": 1, "max_len": 20, "length_penalty": 0.0}
+
+
+def build_decoder(spec: dict[str, Any], vocab_size: int, encoder: Encoder) -> CaptionDecoder:
+    """Instantiate the decoder class named by `spec["_target_"]` with the rest as arguments."""
+    spec = dict(spec)
+    target = spec.pop("_target_", "imcap.decoder.ShowTellDecoder")
+    cls = pydoc.locate(target)
+    if cls is None:
+        raise UserError(f"decoder._target_ '{target}' is not an importable class")
+    width = encoder.grid_dim if cls.uses_grid else encoder.feature_dim
+    return cls(vocab_size=vocab_size, feature_dim=width, **spec)
+
+
+class Captioner(L.LightningModule):
+    def __init__(
+        self,
+        vocab: dict,
+        encoder: dict,
+        decoder: dict,
+        optim: dict | None = None,
+        loss: dict | None = None,
+        decoding: dict | None = None,
+        data: dict | None = None,
+    ) -> None:
+        """All arguments are plain dicts (saved in the checkpoint); `data` is only a record of
+        which dataset trained the model, so eval.py can default to it."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.vocab = Vocab.from_dict(vocab)
+        self.encoder = Encoder(**encoder)
+        self.decoder = build_decoder(decoder, len(self.vocab), self.encoder)
+        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
+        self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
+        self.decoding = {**DEFAULT_DECODING, **(decoding or {})}
+        self.metrics_cfg: dict[str, Any] = {
+            "java": True,
+            "meteor": True,
+            "meteor_every_epoch": False,
+        }
+        self._preds: list[tuple[str, str]] = []
+        self.predictions: dict[str, dict[str, str]] = {}  # split -> image_id -> caption
+        self.scores: dict[str, dict[str, float]] = {}  # split -> metric -> value
+        self._scorer = None
+
+    # -- forward ------------------------------------------------------------------------------
+    def features(self, batch: dict[str, Any]) -> Features:
+        """Cached features when the batch has them (two-step), else run the encoder (joint)."""
+        if "pooled" in batch:
+            return Features(batch["pooled"], batch.get("grid"))
+        return self.encoder(batch["images"], grid=self.decoder.uses_grid)
+
+    def generate(
+        self, feats: Features, beam_size: int | None = None, return_attn: bool = False
+    ) -> Decoded:
+        """Free-running decoding with the configured (or given) beam size."""
+        k = int(beam_size or self.decoding["beam_size"])
+        v, max_len = self.vocab, int(self.decoding["max_len"])
+        if k <= 1:
+            return greedy(self.decoder, feats, v.bos_id, v.eos_id, max_len, return_attn)
+        alpha = float(self.decoding["length_penalty"])
+        return beam_search(self.decoder, feats, v.bos_id, v.eos_id, max_len, k, alpha, return_attn)
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, beam_size: int | None = None) -> list[str]:
+        """Captions for a batch of transformed images (B, 3, H, W)."""
+        feats = self.encoder(images.to(self.device), grid=self.decoder.uses_grid)
+        return [self.vocab.decode(t) for t in self.generate(feats, beam_size).tokens.tolist()]
+
+    # -- training -----------------------------------------------------------------------------
+    def ss_prob(self) -> float:
+        """Scheduled-sampling probability, ramped linearly over `ss_ramp_epochs`."""
+        p, ramp = float(self.loss_cfg["ss_prob"]), int(self.loss_cfg["ss_ramp_epochs"])
+        if p <= 0:
+            return 0.0
+        return p * min(1.0, (self.current_epoch + 1) / ramp) if ramp > 0 else p
+
+    def caption_loss(
+        self, feats: Features, tokens: torch.Tensor, ss_prob: float = 0.0
+    ) -> dict[str, torch.Tensor]:
+        """Cross-entropy over non-pad target words (+ attention regularisation)."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T)
+        out = self.decoder(feats, inputs, ss_prob=ss_prob)
+        ce = F.cross_entropy(
+            out.logits.reshape(-1, out.logits.size(-1)).float(),  # (B*T, V)
+            targets.reshape(-1),
+            ignore_index=self.vocab.pad_id,
+            label_smoothing=float(self.loss_cfg["label_smoothing"]),
+        )
+        losses = {"ce": ce, "loss": ce}
+        if out.alphas is not None and self.loss_cfg["attention_reg"] > 0:
+            # Doubly stochastic attention (Xu et al. 2015): every region should receive about
+            # one unit of attention over the caption: lambda * sum_i (1 - sum_t alpha_ti)^2.
+            mask = (targets != self.vocab.pad_id).unsqueeze(-1).float()  # (B, T, 1)
+            coverage = (out.alphas * mask).sum(1)  # (B, N)
+            reg = ((1.0 - coverage) ** 2).sum(1).mean()
+            losses["attention_reg"] = reg
+            losses["loss"] = ce + float(self.loss_cfg["attention_reg"]) * reg
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        feats = self.features(batch)
+        losses = self.caption_loss(feats, batch["tokens"], self.ss_prob())
+        B = batch["tokens"].size(0)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=B)
+        if "attention_reg" in losses:
+            self.log("train/attention_reg", losses["attention_reg"], batch_size=B)
+        return losses["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "bad_counts", None):
+            for k, v in dm.bad_counts.items():
+                self.log(f"data/bad_images_{k}", float(v), rank_zero_only=True)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        if not batch["image_ids"]:
+            return
+        feats = self.features(batch)
+        tokens = self.generate(feats).tokens.tolist()
+        self._preds += [
+            (i, self.vocab.decode(t)) for i, t in zip(batch["image_ids"], tokens, strict=True)
+        ]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._score("val")
+        self._preds = []
+
+    def on_test_epoch_end(self) -> None:
+        self._score(getattr(self.trainer.datamodule, "split", "test"))
+        self._preds = []
+
+    def _score(self, split: str) -> None:
+        """Gather every rank's captions, de-duplicate by image id, score once, share the result."""
+        preds = gather_predictions(self.trainer.strategy, self._preds)
+        scores: dict[str, float] | None = None
+        if self.trainer.is_global_zero:
+            refs = self.trainer.datamodule.references(split)
+            missing = set(refs) - set(preds)
+            if missing:
+                log.warning(
+                    "%d %s images have no caption (bad images?); scoring the rest",
+                    len(missing),
+                    split,
+                )
+                refs = {k: v for k, v in refs.items() if k in preds}
+            final = self.trainer.state.fn != "fit"  # validate/test after training, eval.py
+            scores = self.scorer(meteor=final or self.metrics_cfg.get("meteor_every_epoch", False))(
+                preds, refs
+            )
+            scores["num_images"] = float(len(preds))
+        scores = self.trainer.strategy.broadcast(scores, src=0)
+        self.predictions[split] = preds
+        self.scores[split] = scores
+        for name, value in scores.items():
+            self.log(
+                f"{split}/{name}", value, prog_bar=name in ("CIDEr", "BLEU-4"), sync_dist=False
+            )
+
+    def teardown(self, stage: str) -> None:
+        if self._scorer is not None:
+            self._scorer.close()  # stop the METEOR JVM
+            self._scorer = None
+
+    def scorer(self, meteor: bool = True):
+        """The COCO toolkit scorer; METEOR (a JVM that takes ~15 s to start) only when asked."""
+        from imcap.metrics import CaptionScorer
+
+        meteor = meteor and self.metrics_cfg["meteor"]
+        if self._scorer is None or (meteor and "METEOR" not in self._scorer.metrics):
+            if self._scorer is not None:
+                self._scorer.close()
+            self._scorer = CaptionScorer(java=self.metrics_cfg["java"], meteor=meteor)
+        return self._scorer
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        groups = [
+            {"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": o["lr"]}
+        ]
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        if enc:
+            groups.append({"params": enc, "lr": o["encoder_lr"]})
+        opt = torch.optim.AdamW(groups, lr=o["lr"], weight_decay=o["weight_decay"])
+        if o["scheduler"] in (None, "none"):
+            return opt
+        if o["scheduler"] != "cosine":
+            raise UserError(f"model.optim.scheduler must be cosine or none, got {o['scheduler']!r}")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(o["warmup_steps"])
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def gather_predictions(strategy: Any, local: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """All ranks' (image_id, caption) pairs as one dict: a DistributedSampler pads the last
+    batch by repeating images, so keying by image id drops the duplicates."""
+    world = getattr(strategy, "world_size", 1)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, list(local))
+        merged = [p for part in parts for p in part]
+    else:
+        merged = list(local)
+    return dict(merged)
+
+
+def load_captioner(
+    path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
+) -> Captioner:
+    """Load a checkpoint with errors a user can act on."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py>")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read checkpoint {p}: {e}") from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "vocab" not in hp:
+        raise UserError(
+            f"{p} is not an imcap checkpoint (no vocabulary inside); train one with src/train.py"
+        )
+    hp = {**hp, **overrides}
+    hp["encoder"] = {**hp["encoder"], "pretrained": False}  # weights come from the checkpoint
+    model = Captioner(**hp)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(
+            f"checkpoint {p} does not match its own hyperparameters: {str(e)[:300]}"
+        ) from None
+    return model.to(map_location).eval()

@@ -1,0 +1,311 @@
+"""What the entry points do, as plain functions of a composed config (testable without a CLI)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from imcap.datamodule import CaptionDataModule
+from imcap.errors import UserError
+from imcap.images import ImageFiles, collate_images, list_images, make_transform
+from imcap.module import Captioner, load_captioner
+
+log = logging.getLogger(__name__)
+
+ENCODER_ARGS = ("name", "pretrained", "trainable", "img_size", "crop_pct")
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf -> plain Python containers (what checkpoints and constructors get)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_metrics_env(cfg: DictConfig) -> None:
+    """Fail before any training if scoring cannot run at the end."""
+    if cfg.metrics.java:
+        from imcap.metrics import check_java
+
+        check_java()
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        if lcfg._target_.endswith("WandbLogger"):
+            from imcap.wandb_utils import wandb_logger
+
+            loggers.append(wandb_logger(lcfg, cfg))
+        else:
+            loggers.append(instantiate(lcfg))
+        log.info("logger %s: %s", name, lcfg._target_)
+    return loggers
+
+
+def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [
+        instantiate(c)
+        for c in (cfg.get("callbacks") or {}).values()
+        if c is not None and "_target_" in c
+    ]
+
+
+def build_model(cfg: DictConfig, dm: CaptionDataModule) -> Captioner:
+    """Vocabulary from the data (or the init checkpoint), model from the config, weights loaded."""
+    init = load_captioner(cfg.init_from) if cfg.get("init_from") else None
+    vocab = dm.build_vocab(init.vocab if init is not None else None)
+    encoder = {k: v for k, v in plain(cfg.encoder).items() if k in ENCODER_ARGS}
+    data_meta = {k: plain(cfg.data)[k] for k in ("name", "root", "loader", "source")}
+    model = Captioner(
+        vocab=vocab.to_dict(),
+        encoder=encoder,
+        decoder=plain(cfg.decoder),
+        optim=plain(cfg.model.optim),
+        loss=plain(cfg.model.loss),
+        decoding=plain(cfg.model.decoding),
+        data=data_meta,
+    )
+    if init is not None:
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError as e:
+            raise UserError(
+                f"init_from={cfg.init_from} does not fit this model (different encoder/decoder config?): "
+                f"{str(e).splitlines()[0][:200]}. Use the encoder= and decoder= it was trained with"
+            ) from None
+        log.info("initialised from %s (its vocabulary of %d words)", cfg.init_from, len(vocab))
+    else:
+        source = model.encoder.load_pretrained()
+        log.info("encoder %s, weights: %s", model.encoder.name, source)
+    model.metrics_cfg = plain(cfg.metrics)
+    return model
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, select the best checkpoint on val/CIDEr, test it; returns the optimized metric."""
+    started = time.perf_counter()
+    out = output_dir(cfg)
+    check_metrics_env(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    dm = CaptionDataModule(**plain(cfg.data))
+    model = build_model(cfg, dm)
+    dm.vocab.save(out / "vocab.json")
+    trainable = (
+        model.encoder.trainable or cfg.encoder.get("finetune", {}).get("start_epoch") is not None
+    )
+    if cfg.mode == "two_step" and trainable:
+        raise UserError(
+            "a trainable / fine-tuned encoder needs mode=joint (two_step trains on frozen features)"
+        )
+    dm.attach(model.encoder, cfg.mode, grid=model.decoder.uses_grid)
+    if cfg.get("compile"):
+        model.decoder.compile()  # in place: state-dict keys unchanged
+    callbacks = make_callbacks(cfg)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg) or False
+    )
+    for lg in trainer.loggers:
+        lg.log_hyperparams(plain(cfg))
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        raise UserError("training was interrupted")
+
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    results: dict[str, Any] = {
+        "best_checkpoint": best,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False)
+    results["val"] = model.scores.get("val", {})
+    write_captions(out / "captions_val.json", model.predictions.get("val", {}), dm, "val")
+    if cfg.get("test"):
+        if dm.has_split("test"):
+            dm.split = "test"
+            trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
+            results["test"] = model.scores.get("test", {})
+            write_captions(
+                out / "captions_test.json", model.predictions.get("test", {}), dm, "test"
+            )
+        else:
+            log.warning(
+                "dataset %s has no test split: skipped the final test; report val scores", dm.name
+            )
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    (out / "metrics.json").write_text(json.dumps(results, indent=1))
+    samples = next((c.latest for c in callbacks if getattr(c, "latest", None)), None)
+    summary(out, best, results, samples)
+    metric = cfg.get("optimized_metric")
+    if metric:
+        split, name = metric.split("/", 1)
+        return results.get(split, {}).get(name)
+    return results["val"].get("CIDEr")
+
+
+def write_captions(path: Path, preds: dict[str, str], dm: CaptionDataModule, split: str) -> None:
+    if not preds:
+        return
+    refs = dm.references(split)
+    rows = [
+        {"image_id": i, "caption": c, "references": refs.get(i, [])}
+        for i, c in sorted(preds.items())
+    ]
+    path.write_text(json.dumps(rows, indent=1))
+
+
+def summary(out: Path, ckpt: str | None, results: dict, samples: Path | None) -> None:
+    def fmt(scores: dict) -> str:
+        keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+        return "  ".join(f"{k} {100 * scores[k]:.1f}" for k in keys if k in scores)
+
+    lines = [
+        f"run directory : {out}",
+        f"checkpoint    : {ckpt}",
+        f"metrics       : {out / 'metrics.json'}",
+    ]
+    if samples:
+        lines.append(f"sample captions: {samples}")
+    for split in ("val", "test"):
+        if results.get(split):
+            lines.append(f"{split:5s} (x100)  : {fmt(results[split])}")
+    lines.append(f"wall time     : {results['total_seconds']:.0f} s")
+    print("\n" + "\n".join(lines))
+
+
+# -- eval.py ----------------------------------------------------------------------------------
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score a checkpoint on a split: metrics JSON + per-image captions JSON."""
+    out = output_dir(cfg)
+    check_metrics_env(cfg)
+    model = load_captioner(cfg.ckpt_path)
+    apply_decoding_overrides(model, cfg)
+    model.metrics_cfg = plain(cfg.metrics)
+    data = plain(cfg.data) if cfg.get("data") else dict(model.hparams.get("data") or {})
+    if not data:
+        raise UserError(
+            f"{cfg.ckpt_path} records no dataset: pass data=<name> (e.g. data=flickr8k)"
+        )
+    split = cfg.get("split") or data.get("split") or "test"
+    data["split"] = split
+    dm = CaptionDataModule(**data)
+    dm.build_vocab(model.vocab)
+    dm.attach(model.encoder, cfg.get("mode", "joint"), grid=model.decoder.uses_grid)
+    dm.require_split(split)
+    trainer = L.Trainer(
+        accelerator=cfg.get("accelerator", "auto"),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+    )
+    trainer.test(model, datamodule=dm, verbose=False)
+    scores = model.scores[split]
+    result = {
+        "checkpoint": str(cfg.ckpt_path),
+        "split": split,
+        "dataset": dm.name,
+        "decoding": model.decoding,
+        "scores": scores,
+    }
+    metrics_path, captions_path = out / f"metrics_{split}.json", out / f"captions_{split}.json"
+    metrics_path.write_text(json.dumps(result, indent=1))
+    write_captions(captions_path, model.predictions[split], dm, split)
+    keys = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    print(
+        f"\n{dm.name} {split}, beam {model.decoding['beam_size']} ({int(scores['num_images'])} images, x100):"
+    )
+    print("  ".join(f"{k} {100 * scores[k]:.2f}" for k in keys if k in scores))
+    print(f"metrics : {metrics_path}\ncaptions: {captions_path}")
+    return scores
+
+
+def apply_decoding_overrides(model: Captioner, cfg: DictConfig) -> None:
+    for key, value in (plain(cfg.get("model")) or {}).items():
+        if value is None:
+            continue
+        if key not in model.decoding:
+            raise UserError(f"unknown decoding option model.{key}; known: {sorted(model.decoding)}")
+        model.decoding[key] = type(model.decoding[key])(value)
+
+
+# -- caption.py -------------------------------------------------------------------------------
+def caption(cfg: DictConfig) -> list[dict[str, str]]:
+    """Caption new images (a file, a folder, or a list) and write them as JSON."""
+    if cfg.get("images") is None:
+        raise UserError("give images=<image file, folder, or [list]>")
+    out = output_dir(cfg)
+    device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
+    model = load_captioner(cfg.ckpt_path, map_location=device)
+    apply_decoding_overrides(model, cfg)
+    paths = list_images(plain(cfg.images))
+    files = ImageFiles(
+        paths, make_transform(model.encoder.data_config), cfg.get("bad_images", "skip")
+    )
+    loader = torch.utils.data.DataLoader(
+        files, batch_size=cfg.batch_size, collate_fn=collate_images, num_workers=0
+    )
+    rows: list[dict[str, str]] = []
+    bad: list[str] = []
+    attention = bool(cfg.get("attention"))
+    att_dir = out / "attention"
+    for batch in loader:
+        bad += [str(paths[i]) for i in batch["bad"].tolist()]
+        if batch["index"].numel() == 0:
+            continue
+        with torch.no_grad():
+            feats = model.encoder(batch["images"].to(device), grid=model.decoder.uses_grid)
+            dec = model.generate(feats, return_attn=attention)
+        for j, i in enumerate(batch["index"].tolist()):
+            text = model.vocab.decode(dec.tokens[j].tolist())
+            row = {"image": str(paths[i]), "caption": text}
+            if attention:
+                row["attention_map"] = str(save_attention(model, paths[i], dec, j, att_dir))
+            rows.append(row)
+            print(f"{paths[i]}: {text}")
+    if not rows:
+        raise UserError(
+            f"none of the {len(paths)} file(s) is a readable image: {', '.join(bad[:3])}"
+        )
+    if bad:
+        log.warning("skipped %d unreadable file(s): %s", len(bad), ", ".join(bad[:5]))
+    target = Path(cfg.output) if cfg.get("output") else out / "captions.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(rows, indent=1))
+    print(f"captions: {target}")
+    return rows
+
+
+def save_attention(model: Captioner, path: Path, dec: Any, j: int, out: Path) -> Path:
+    """Per-word attention figure (attention decoders only)."""
+    from imcap.viz import attention_figure
+
+    if dec.alphas is None:
+        raise UserError(
+            "attention=true needs an attention decoder (decoder=lstm_attention or gru_attention)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{Path(path).stem}.png"
+    tokens = dec.tokens[j].tolist()
+    words = model.vocab.decode(tokens).split()
+    attention_figure(path, words + ["<eos>"], dec.alphas[j].float().cpu(), target)
+    return target
+
+
+def set_project_root() -> None:
+    """Entry points call this so configs can find the project root from any working directory."""
+    os.environ.setdefault("IMCAP_ROOT", str(Path(__file__).resolve().parents[2]))

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models and a tiny trained checkpoint, built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("IMCAP_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+HAS_JAVA = shutil.which("java") is not None
+needs_java = pytest.mark.skipif(
+    not HAS_JAVA, reason="java not installed (pycocoevalcap's tokenizer/METEOR need it)"
+)
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+def compose_train(overrides: list[str]):
+    """The train config as `python src/train.py <overrides>` would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def tiny_overrides(tmp: Path, *extra: str) -> list[str]:
+    """A CPU-sized run on a small synthetic set (shared cache and data across a session)."""
+    return [
+        f"paths.data_dir={tmp / 'data'}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.output_dir={tmp / 'run'}",
+        "data.source.n_train=400",
+        "data.source.n_val=80",
+        "data.source.n_test=80",
+        "data.source.image_size=64",
+        "data.img_size=64",
+        "data.num_workers=0",
+        "data.batch_size=32",
+        "decoder.embed_dim=64",
+        "decoder.hidden_dim=128",
+        "decoder.dropout=0.2",
+        "model.optim.lr=3e-3",
+        "trainer.max_epochs=4",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        f"metrics.java={str(HAS_JAVA).lower()}",
+        "metrics.meteor=false",
+        "logger=csv",
+        *extra,
+    ]
