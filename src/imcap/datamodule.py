@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import pydoc
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -271,8 +272,10 @@ class CaptionDataModule(L.LightningDataModule):
             bad = cache.bad
             # Whole cache in memory (float16 grids stay float16 until gathered).
             self._bank["pooled"] = torch.from_numpy(np.asarray(cache.pooled, dtype=np.float32))
-            if self.grid:
-                self._bank["grid"] = torch.from_numpy(np.ascontiguousarray(cache.grid))
+            if self.grid:  # stays memory-mapped (float16) on the CPU; copied once to a GPU
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write
+                    self._bank["grid"] = torch.from_numpy(cache.grid)
         # Training captions, pre-encoded once: (P, L) ids, their lengths and image rows.
         tokens, rows = [], []
         for r in self.load_records()["train"]:

@@ -1,0 +1,211 @@
+"""Two-step training's feature cache, joint/two-step agreement, bad images, batch assembly."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imcap.datamodule import CaptionDataModule, CaptionsPerImage
+from imcap.encoder import Encoder
+from imcap.errors import UserError
+from imcap.features import ensure_features
+from imcap.images import ImageFiles, make_transform
+from imcap.records import ImageRecord
+
+
+def make_images(folder: Path, n: int, size: int = 48) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def tiny_encoder(**kw) -> Encoder:
+    torch.manual_seed(0)
+    return Encoder("resnet18", img_size=64, **kw)
+
+
+def test_cache_round_trip_and_hit_runs_no_encoder(tmp_path: Path, monkeypatch) -> None:
+    paths = make_images(tmp_path / "img", 6)
+    enc = tiny_encoder()
+    a = ensure_features(
+        enc, paths, tmp_path / "cache", "toy", grid=True, batch_size=4, num_workers=0
+    )
+    assert a.pooled.shape == (6, 512) and a.grid.shape == (6, 4, 512)
+    assert a.pooled.dtype == np.float16 and isinstance(a.pooled, np.memmap)
+    manifest = json.loads((a.directory / "manifest.json").read_text())
+    assert (
+        manifest["encoder"] == "resnet18"
+        and manifest["num_images"] == 6
+        and manifest["transform"]["input_size"] == [3, 64, 64]
+    )
+    assert (a.directory / "images.txt").read_text().splitlines() == [str(p) for p in paths]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the encoder ran on a cache hit")
+
+    monkeypatch.setattr(enc, "forward", boom)
+    b = ensure_features(
+        enc, paths, tmp_path / "cache", "toy", grid=True, batch_size=4, num_workers=0
+    )
+    assert b.directory == a.directory and np.array_equal(a.pooled, b.pooled)
+
+
+def test_cache_invalidates_when_inputs_change(tmp_path: Path) -> None:
+    paths = make_images(tmp_path / "img", 4)
+    cache = tmp_path / "cache"
+    base = ensure_features(tiny_encoder(), paths, cache, "toy", num_workers=0).directory
+    other_weights = tiny_encoder()
+    torch.nn.init.normal_(other_weights.model.conv1.weight)
+    changed = [
+        ensure_features(
+            Encoder("resnet10t", img_size=64), paths, cache, "toy", num_workers=0
+        ),  # encoder
+        ensure_features(other_weights, paths, cache, "toy", num_workers=0),  # weights
+        ensure_features(
+            Encoder("resnet18", img_size=96), paths, cache, "toy", num_workers=0
+        ),  # transform
+        ensure_features(tiny_encoder(), paths[:3], cache, "toy", num_workers=0),  # image list
+        ensure_features(tiny_encoder(), paths, cache, "toy", grid=True, num_workers=0),  # grid
+        ensure_features(tiny_encoder(), paths, cache, "other", num_workers=0),  # dataset
+    ]
+    dirs = {c.directory for c in changed}
+    assert base not in dirs and len(dirs) == len(changed)
+
+
+def _extract_in_process(args) -> str:
+    paths, cache = args
+    return str(ensure_features(tiny_encoder(), paths, cache, "toy", num_workers=0).directory)
+
+
+def test_two_runs_starting_at_once_share_one_cache(tmp_path: Path) -> None:
+    paths = make_images(tmp_path / "img", 8)
+    with mp.get_context("spawn").Pool(2) as pool:
+        dirs = pool.map(_extract_in_process, [(paths, tmp_path / "cache")] * 2)
+    assert dirs[0] == dirs[1]
+    entries = sorted(
+        p.name for p in (tmp_path / "cache" / "toy").iterdir() if not p.name.endswith(".lock")
+    )
+    assert entries == [Path(dirs[0]).name]  # one finished cache, no half-written leftovers
+
+
+def test_bad_images_are_reported_and_skipped(tmp_path: Path, caplog) -> None:
+    paths = make_images(tmp_path / "img", 5)
+    paths[1].write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # corrupt
+    paths[3].unlink()  # missing
+    c = ensure_features(tiny_encoder(), paths, tmp_path / "cache", "toy", num_workers=0)
+    assert c.bad == {1, 3}
+    assert c.manifest["bad_files"] == [str(paths[1]), str(paths[3])]
+    assert str(paths[1]) in caplog.text and str(paths[3]) in caplog.text
+    assert np.abs(c.pooled[[0, 2, 4]].astype(np.float32)).sum() > 0
+    with pytest.raises(UserError, match=str(paths[1]).replace(".", r"\.")):
+        ensure_features(
+            tiny_encoder(), paths, tmp_path / "cache2", "toy", num_workers=0, bad_images="error"
+        )
+
+
+def records(tmp_path: Path, n_train: int = 6, n_val: int = 3) -> list[ImageRecord]:
+    paths = make_images(tmp_path / "img", n_train + n_val)
+    caps = ["a red square", "a blue circle on the left", "two small stars", "a big green box"]
+    return [
+        ImageRecord(
+            f"im{i}", p, [caps[i % 4], caps[(i + 1) % 4]], "train" if i < n_train else "val"
+        )
+        for i, p in enumerate(paths)
+    ]
+
+
+def datamodule(tmp_path: Path, recs: list[ImageRecord], mode: str, **kw) -> CaptionDataModule:
+    dm = CaptionDataModule(
+        "toy",
+        str(tmp_path),
+        batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
+    dm.records = {
+        "train": [r for r in recs if r.split == "train"],
+        "val": [r for r in recs if r.split == "val"],
+        "test": [],
+    }
+    dm.attach(tiny_encoder(), mode, grid=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_two_step_and_joint_give_the_same_features(tmp_path: Path) -> None:
+    recs = records(tmp_path)
+    two = datamodule(tmp_path, recs, "two_step")
+    joint = datamodule(tmp_path, recs, "joint")
+    enc = joint.encoder.eval()
+    batch = next(iter(joint.val_dataloader()))
+    batch = joint.on_before_batch_transfer(batch, 0)
+    with torch.no_grad():
+        f = enc(batch["images"], grid=True)
+    cached = two.on_after_batch_transfer(
+        two.on_before_batch_transfer(next(iter(two.val_dataloader())), 0), 0
+    )
+    assert cached["image_ids"] == batch["image_ids"] == ["im6", "im7", "im8"]
+    torch.testing.assert_close(cached["pooled"], f.pooled, atol=2e-2, rtol=2e-3)  # float16 storage
+    torch.testing.assert_close(cached["grid"], f.grid, atol=2e-2, rtol=2e-3)
+
+
+def test_two_step_training_batches_are_gathered_from_the_cache(tmp_path: Path) -> None:
+    dm = datamodule(tmp_path, records(tmp_path), "two_step")
+    loader = dm.train_dataloader()
+    raw = next(iter(loader))
+    assert (
+        isinstance(raw, torch.Tensor) and raw.dtype == torch.long
+    )  # the loader yields indices only
+    dm.trainer = None
+    batch = dm.on_after_batch_transfer({"pairs": raw, "T": int(dm.train_lengths[raw].max())}, 0)
+    assert batch["pooled"].shape == (len(raw), 512) and batch["grid"].shape == (len(raw), 4, 512)
+    assert (batch["tokens"][:, 0] == dm.vocab.bos_id).all()
+    rows = dm.train_rows[raw]
+    torch.testing.assert_close(batch["pooled"], dm._bank["pooled"][rows])
+
+
+def test_captions_per_image_sampler() -> None:
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    s = CaptionsPerImage(rows, k=1, seed=0)
+    epoch1, epoch2 = list(s), list(s)
+    assert len(epoch1) == len(s) == 3
+    assert sorted(rows[epoch1].tolist()) == [0, 1, 2]  # one caption of each image
+    seen = {i for _ in range(30) for i in s}
+    assert seen == set(range(9))  # every caption gets its turn across epochs
+    assert len(CaptionsPerImage(rows, k=2)) == 6
+
+
+def test_joint_epoch_survives_a_corrupt_image(tmp_path: Path) -> None:
+    recs = records(tmp_path)
+    recs[2].path.write_bytes(b"garbage")
+    dm = datamodule(tmp_path, recs, "joint")
+    total = 0
+    for raw in dm.train_dataloader():
+        batch = dm.on_before_batch_transfer(raw, 0)
+        total += batch["images"].shape[0]
+    assert total == 6 * 2 - 2  # the corrupt image's two captions were skipped
+    assert dm.bad_counts["train"] == 2
+
+
+def test_image_files_error_policy_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "x.jpg"
+    bad.write_text("nope")
+    files = ImageFiles([bad], make_transform(tiny_encoder().data_config), bad_images="error")
+    with pytest.raises(UserError, match="x.jpg"):
+        files[0]
+    with pytest.raises(UserError, match="bad_images"):
+        ImageFiles([bad], lambda x: x, bad_images="ignore")

@@ -1,0 +1,200 @@
+"""End to end on the built-in dataset: training learns, checkpoints describe themselves,
+eval.py and caption.py work on a trained checkpoint, and bad input gives one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import ROOT, compose_train, tiny_overrides
+
+from imcap.datamodule import CaptionDataModule
+from imcap.module import Captioner, load_captioner
+from imcap.run import build_model, plain, train
+
+LEARN = ("data.source.n_train=800", "trainer.max_epochs=8")
+# Measured on a 2-core CPU (seed 42, 800 train images at 96 px, 8 epochs): val CIDEr 1.08 trained,
+# 0.43 image-blind (the caption prior), ~0.02 untrained. Thresholds leave room for other CPUs.
+TRAINED_MIN, BLIND_MARGIN, UNTRAINED_MAX = 0.80, 0.30, 0.10
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory) -> Path:
+    """Data and feature caches shared by every run of the session."""
+    return tmp_path_factory.mktemp("shared")
+
+
+def run_dir(shared: Path, name: str) -> list[str]:
+    return [f"paths.output_dir={shared / name}"]
+
+
+@pytest.fixture(scope="session")
+def trained(shared: Path) -> dict:
+    overrides = tiny_overrides(shared, *LEARN, *run_dir(shared, "trained"))
+    train(compose_train(overrides))
+    metrics = json.loads((shared / "trained" / "metrics.json").read_text())
+    return {"metrics": metrics, "ckpt": metrics["best_checkpoint"], "out": shared / "trained"}
+
+
+@pytest.fixture(scope="session")
+def blind(shared: Path) -> dict:
+    overrides = tiny_overrides(shared, *LEARN, "data.blind=true", *run_dir(shared, "blind"))
+    train(compose_train(overrides))
+    return json.loads((shared / "blind" / "metrics.json").read_text())
+
+
+def untrained_val_cider(shared: Path) -> float:
+    cfg = compose_train(tiny_overrides(shared, *LEARN, *run_dir(shared, "untrained")))
+    dm = CaptionDataModule(**plain(cfg.data))
+    model = build_model(cfg, dm)
+    dm.attach(model.encoder, "two_step")
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        model, datamodule=dm, verbose=False
+    )
+    return model.scores["val"]["CIDEr"]
+
+
+def test_training_learns_and_needs_the_image(trained: dict, blind: dict, shared: Path) -> None:
+    val = trained["metrics"]["val"]["CIDEr"]
+    untrained = untrained_val_cider(shared)
+    print(
+        f"val CIDEr: trained {val:.3f}, image-blind {blind['val']['CIDEr']:.3f}, untrained {untrained:.3f}"
+    )
+    assert untrained < UNTRAINED_MAX
+    assert val > TRAINED_MIN
+    assert val > blind["val"]["CIDEr"] + BLIND_MARGIN
+    assert (
+        trained["metrics"]["test"]["CIDEr"] > TRAINED_MIN - 0.1
+    )  # held-out test, never used for selection
+
+
+def test_run_writes_what_it_promises(trained: dict) -> None:
+    out = trained["out"]
+    for name in (
+        "vocab.json",
+        "metrics.json",
+        "captions_val.json",
+        "captions_test.json",
+        "curves.png",
+    ):
+        assert (out / name).is_file(), name
+    assert list((out / "samples").glob("val_epoch_*.json"))
+    rows = json.loads((out / "captions_test.json").read_text())
+    assert len(rows) == 80 and all(r["caption"] and r["references"] for r in rows)
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(trained["metrics"]["val"])
+
+
+def test_checkpoint_is_self_describing_and_reproduces_captions(trained: dict) -> None:
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    assert hp["vocab"]["tokens"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert hp["decoder"]["_target_"] == "imcap.decoder.ShowTellDecoder"
+    # plain Python only: loadable without Hydra/OmegaConf objects
+    assert "omegaconf" not in repr(type(hp)) and all(
+        "omegaconf" not in repr(type(v)) for v in hp.values()
+    )
+    model = Captioner.load_from_checkpoint(trained["ckpt"], map_location="cpu").eval()
+    again = load_captioner(trained["ckpt"])
+    x = torch.rand(3, 3, 64, 64)
+    assert model.caption(x) == again.caption(x)
+    # ... and the same captions the run wrote for the test split
+    rows = json.loads((trained["out"] / "captions_test.json").read_text())[:8]
+    paths = [
+        Path(trained["out"]).parents[0] / "data" / "synthetic" / "images" / f"{r['image_id']}.jpg"
+        for r in rows
+    ]
+    from imcap.images import load_image, make_transform
+
+    tf = make_transform(model.encoder.data_config)
+    images = torch.stack([tf(load_image(p)) for p in paths])
+    assert model.caption(images) == [r["caption"] for r in rows]
+
+
+def cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_eval_cli_scores_a_checkpoint(trained: dict, shared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    r = cli(
+        "eval.py",
+        f"ckpt_path={trained['ckpt']}",
+        "split=val",
+        "model.beam_size=3",
+        "metrics.meteor=false",
+        f"hydra.run.dir={out}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "metrics_val.json").read_text())
+    assert result["split"] == "val" and result["decoding"]["beam_size"] == 3
+    assert result["scores"]["num_images"] == 80
+    assert result["scores"]["CIDEr"] > TRAINED_MIN - 0.1  # beam 3 on the images, end to end
+    captions = json.loads((out / "captions_val.json").read_text())
+    assert len(captions) == 80 and all(c["caption"] for c in captions)
+
+
+def test_caption_cli_on_a_folder_with_a_bad_file(
+    trained: dict, shared: Path, tmp_path: Path
+) -> None:
+    images = sorted((shared / "data" / "synthetic" / "images").glob("syn_test_*.jpg"))[:3]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    out = tmp_path / "captions.json"
+    r = cli(
+        "caption.py",
+        f"ckpt_path={trained['ckpt']}",
+        f"images={folder}",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [Path(row["image"]).name for row in rows] == [p.name for p in images]
+    assert all(len(row["caption"].split()) >= 2 for row in rows)
+    assert "broken.jpg" in r.stdout + r.stderr  # reported by name (in the log), skipped
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("caption.py", ["ckpt_path={ckpt}", "images={notimage}"], "readable image"),
+        (
+            "caption.py",
+            ["ckpt_path={tmp}/missing.ckpt", "images={notimage}"],
+            "checkpoint not found",
+        ),
+        ("eval.py", ["ckpt_path={tmp}/missing.ckpt"], "checkpoint not found"),
+        ("train.py", ["encoder.name=resnet5000"], "unknown encoder 'resnet5000'"),
+        ("train.py", ["data=flickr8k", "data.root={tmp}/nowhere"], "nowhere"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    trained: dict, tmp_path: Path, script: str, args: list[str], message: str
+) -> None:
+    notimage = tmp_path / "notes.txt"
+    notimage.write_text("hello")
+    args = [a.format(ckpt=trained["ckpt"], tmp=tmp_path, notimage=notimage) for a in args]
+    r = cli(
+        script, *args, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
