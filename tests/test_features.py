@@ -181,7 +181,7 @@ def test_two_step_training_batches_are_gathered_from_the_cache(tmp_path: Path) -
 def test_captions_per_image_sampler() -> None:
     rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     s = CaptionsPerImage(rows, k=1, seed=0)
-    epoch1, epoch2 = list(s), list(s)
+    epoch1 = list(s)
     assert len(epoch1) == len(s) == 3
     assert sorted(rows[epoch1].tolist()) == [0, 1, 2]  # one caption of each image
     seen = {i for _ in range(30) for i in s}
