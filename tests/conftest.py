@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,38 @@ def tiny_overrides(tmp: Path, *extra: str) -> list[str]:
         "logger=csv",
         *extra,
     ]
+
+
+LEARN = ("data.source.n_train=800", "trainer.max_epochs=8")
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory) -> Path:
+    """Data and feature caches shared by every run of the session."""
+    return tmp_path_factory.mktemp("shared")
+
+
+def run_dir(shared: Path, name: str) -> list[str]:
+    return [f"paths.output_dir={shared / name}"]
+
+
+@pytest.fixture(scope="session")
+def trained(shared: Path) -> dict:
+    from imcap.run import train
+
+    overrides = tiny_overrides(shared, *LEARN, *run_dir(shared, "trained"))
+    train(compose_train(overrides))
+    metrics = json.loads((shared / "trained" / "metrics.json").read_text())
+    return {"metrics": metrics, "ckpt": metrics["best_checkpoint"], "out": shared / "trained"}
+
+
+def cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )

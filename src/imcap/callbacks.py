@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from timm.models import group_parameters
 
@@ -138,7 +140,17 @@ class Curves(L.Callback):
     def __init__(self, path: str | None = None) -> None:
         self.path = path
         self.history: list[dict[str, float]] = []
+        self.epoch_seconds: list[float] = []
         self._loss_sum, self._loss_n = 0.0, 0
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_seconds.append(
+            round(time.perf_counter() - self._t0, 2)
+        )  # training only, no validation
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -149,7 +161,7 @@ class Curves(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
             return
-        row = {"epoch": trainer.current_epoch}
+        row: dict[str, float] = {"epoch": trainer.current_epoch}
         if self._loss_n:
             row["train/loss"] = self._loss_sum / self._loss_n
         self._loss_sum, self._loss_n = 0.0, 0
@@ -163,3 +175,48 @@ class Curves(L.Callback):
             for logger in trainer.loggers:
                 if type(logger).__name__ == "WandbLogger":
                     logger.log_image(key="curves", images=[str(fig)], step=trainer.global_step)
+
+
+class AttentionMaps(L.Callback):
+    """For attention decoders: after every validation, draw where the model looked for each
+    word on a fixed set of val images; PNGs under `dirpath`, also sent to TensorBoard / W&B."""
+
+    def __init__(self, num_images: int = 4, dirpath: str | None = None) -> None:
+        self.num_images, self.dirpath = num_images, dirpath
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.dirpath:
+            return
+        if not getattr(pl_module.decoder, "uses_grid", False):
+            return
+        from imcap.viz import attention_figure
+
+        dm = trainer.datamodule
+        records = {r.image_id: r for r in dm.load_records()["val"]}
+        ids = sorted(getattr(pl_module, "predictions", {}).get("val") or records)[: self.num_images]
+        batch = dm.eval_batch(ids, pl_module.device)
+        with torch.no_grad():
+            out = pl_module.generate(pl_module.features(batch), beam_size=1, return_attn=True)
+        tag = f"epoch_{trainer.current_epoch:03d}" if trainer.state.fn == "fit" else "best"
+        figures = []
+        for j, image_id in enumerate(ids):
+            words = pl_module.vocab.decode(out.tokens[j].tolist()).split() + ["<eos>"]
+            target = Path(self.dirpath) / tag / f"{image_id}.png"
+            figures.append(
+                attention_figure(records[image_id].path, words, out.alphas[j].float().cpu(), target)
+            )
+        for logger in trainer.loggers:
+            name = type(logger).__name__
+            if name == "TensorBoardLogger":
+                import numpy as np
+                from PIL import Image
+
+                for f in figures:
+                    img = np.asarray(Image.open(f).convert("RGB"))
+                    logger.experiment.add_image(
+                        f"attention/{f.stem}", img, trainer.global_step, dataformats="HWC"
+                    )
+            elif name == "WandbLogger":
+                logger.log_image(
+                    key="val/attention", images=[str(f) for f in figures], step=trainer.global_step
+                )

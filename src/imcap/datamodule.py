@@ -27,7 +27,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from imcap.encoder import Encoder
 from imcap.errors import UserError
 from imcap.features import CachedFeatures, ensure_features
-from imcap.images import ImageFiles, check_policy, collate_images, load_image, make_transform
+from imcap.images import (
+    ImageBytes,
+    ImageFiles,
+    check_policy,
+    collate_images,
+    decode_batch,
+    load_image,
+    make_transform,
+)
 from imcap.records import SPLITS, ImageRecord
 from imcap.text import Vocab, tokenize
 
@@ -150,6 +158,7 @@ class CaptionDataModule(L.LightningDataModule):
         blind: bool = False,
         captions_per_image: int | None = None,
         seed: int = 0,
+        gpu_decode: bool = False,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -164,6 +173,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.split = split
         self.blind = blind  # ablation: every image becomes the same blank input
         self.captions_per_image, self.seed = captions_per_image, seed
+        self.gpu_decode = gpu_decode  # joint mode: JPEG bytes to the GPU, decoded there (nvJPEG)
         self.records: dict[str, list[ImageRecord]] | None = None
         self.vocab: Vocab | None = None
         self.encoder: Encoder | None = None
@@ -221,6 +231,14 @@ class CaptionDataModule(L.LightningDataModule):
 
     def references(self, split: str) -> dict[str, list[str]]:
         return {r.image_id: list(r.captions) for r in self.require_split(split)}
+
+    def train_references_tokens(self) -> dict[int, list[list[str]]]:
+        """Tokenized training references keyed by image row (the SCST reward's corpus)."""
+        return {
+            self.row_of[r.image_id]: [tokenize(c) for c in r.captions]
+            for r in self.load_records()["train"]
+            if self.row_of[r.image_id] in self.train_row_set
+        }
 
     # -- encoder hookup -----------------------------------------------------------------------
     def attach(self, encoder: Encoder, mode: str = "two_step", grid: bool = False) -> None:
@@ -290,6 +308,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_tokens = pad_tokens(tokens, self.vocab.pad_id, self.vocab.max_len + 2)  # (P, L)
         self.train_lengths = torch.tensor([len(t) for t in tokens])  # (P,)
         self.train_rows = torch.tensor(rows)  # (P,)
+        self.train_row_set = set(rows)
         self._token_lists = tokens
         self.eval_rows = {
             s: [
@@ -301,8 +320,9 @@ class CaptionDataModule(L.LightningDataModule):
         }
         self._device_bank: dict[str, torch.Tensor] = {}
 
-    def _files(self, records: list[ImageRecord]) -> ImageFiles:
-        return ImageFiles(
+    def _files(self, records: list[ImageRecord], raw: bool = False) -> ImageFiles:
+        cls = ImageBytes if raw else ImageFiles  # raw: JPEG bytes for on-device decoding
+        return cls(
             [r.path for r in records], make_transform(self.encoder.data_config), self.bad_images
         )
 
@@ -330,7 +350,7 @@ class CaptionDataModule(L.LightningDataModule):
         records = self._all_records()
         pairs = np.stack([self.train_rows.numpy(), np.arange(len(self.train_rows))], 1)
         return DataLoader(
-            PairImages(self._files(records), pairs, self._token_lists),
+            PairImages(self._files(records, raw=self.gpu_decode), pairs, self._token_lists),
             batch_size=self.batch_size,
             **self._train_sampler(),
             num_workers=self.num_workers,
@@ -377,6 +397,8 @@ class CaptionDataModule(L.LightningDataModule):
                 return {"pairs": batch, "T": T}
             return {"rows": batch, "image_ids": self._ids(batch)}
         if "tokens" in batch:  # joint training
+            if isinstance(batch["images"], list):  # gpu_decode: decode straight onto the device
+                batch = self._decode(batch)
             if batch["bad"]:
                 self.bad_counts["train"] += int(batch["bad"])
             if self.blind:
@@ -387,6 +409,21 @@ class CaptionDataModule(L.LightningDataModule):
             self.bad_counts["eval"] += int(batch["bad"].numel())
         images = batch["images"].zero_() if self.blind else batch["images"]
         return {"images": images, "image_ids": self._ids(batch["index"])}
+
+    def _decode(self, batch: dict[str, Any]) -> dict[str, Any]:
+        device = (
+            self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        )
+        images, failed = decode_batch(batch["images"], device, self.encoder.data_config)
+        if failed:  # undecodable bytes: drop those pairs like any other bad image
+            keep = [k for k in range(len(batch["images"])) if k not in set(failed)]
+            batch = {
+                **batch,
+                "tokens": batch["tokens"][keep],
+                "rows": batch["rows"][keep],
+                "bad": batch["bad"] + len(failed),
+            }
+        return {**batch, "images": images}
 
     def _ids(self, rows: torch.Tensor) -> list[str]:
         records = self._all_records()
@@ -406,7 +443,10 @@ class CaptionDataModule(L.LightningDataModule):
         if "pairs" in batch:
             idx, device = batch["pairs"], batch["pairs"].device
             rows = self._on("train_rows", device)[idx]  # (B,)
-            out = {"tokens": self._on("train_tokens", device)[idx, : batch["T"]]}  # (B, T+2)
+            out = {
+                "tokens": self._on("train_tokens", device)[idx, : batch["T"]],
+                "rows": rows,
+            }  # (B, T+2)
         elif "rows" in batch:
             rows, device = batch["rows"], batch["rows"].device
             out = {"image_ids": batch["image_ids"]}
@@ -418,6 +458,17 @@ class CaptionDataModule(L.LightningDataModule):
         if self.blind:
             out = {k: v.zero_() if k in ("pooled", "grid") else v for k, v in out.items()}
         return out
+
+    def eval_batch(self, image_ids: list[str], device: torch.device) -> dict[str, Any]:
+        """A batch (as the model sees it) for chosen images, e.g. the fixed attention-map set."""
+        rows = torch.tensor([self.row_of[i] for i in image_ids])
+        if self.mode == "two_step":
+            return self.on_after_batch_transfer(
+                {"rows": rows.to(device), "image_ids": list(image_ids)}, 0
+            )
+        records = self._all_records()
+        images = torch.stack([self.load_image(records[r].path) for r in rows.tolist()])
+        return {"images": images.to(device), "image_ids": list(image_ids)}
 
     def load_image(self, path: str | Path) -> torch.Tensor:
         return make_transform(self.encoder.data_config)(load_image(path))

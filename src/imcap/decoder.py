@@ -22,11 +22,12 @@ from imcap.encoder import Features
 State = tuple[torch.Tensor, ...]
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
+FEATURE_NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": lambda dim: nn.Identity()}
 
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V), or (N, V) at the `keep` positions only
     alphas: torch.Tensor | None = None  # (B, T, N) attention weights, attention decoders only
 
 
@@ -34,6 +35,17 @@ class CaptionDecoder(nn.Module):
     """Shared plumbing: step-by-step teacher forcing with optional scheduled sampling."""
 
     uses_grid = False  # needs the spatial feature map (attention) rather than the pooled vector
+
+    def _image_input(self, feature_dim: int, norm: str, dropout: float) -> None:
+        """CNN features are far from centred (ReLU6 outputs: mean ~0.24, a third zeros), so each
+        channel is standardised (batch statistics while training, running ones at eval) before
+        it enters the decoder; optional dropout on top."""
+        if norm not in FEATURE_NORMS:
+            raise ValueError(
+                f"decoder.feature_norm must be one of {sorted(FEATURE_NORMS)}, got {norm!r}"
+            )
+        self.feat_norm = FEATURE_NORMS[norm](feature_dim)
+        self.feat_drop = nn.Dropout(dropout)
 
     def init_state(self, feats: Features) -> State:
         raise NotImplementedError
@@ -47,10 +59,17 @@ class CaptionDecoder(nn.Module):
     def reorder_state(state: State, index: torch.Tensor) -> State:
         return tuple(s.index_select(0, index) for s in state)
 
-    def forward(self, feats: Features, tokens: torch.Tensor, ss_prob: float = 0.0) -> DecoderOutput:
+    def forward(
+        self,
+        feats: Features,
+        tokens: torch.Tensor,
+        ss_prob: float = 0.0,
+        keep: torch.Tensor | None = None,
+    ) -> DecoderOutput:
         """Teacher forcing over `tokens` = <bos> w1 .. wn (padded); logits predict w1 .. <eos>.
 
-        With `ss_prob` > 0 (scheduled sampling, Bengio et al. 2015) each input word is, with that
+        `keep` (B, T) bool: return logits only at these positions, as (N, V) (the loss needs no
+        logits at padding). With `ss_prob` > 0 (scheduled sampling, Bengio et al. 2015) each input word is, with that
         probability, replaced by the model's own sample from the previous step.
         """
         state = self.init_state(feats)
@@ -67,8 +86,9 @@ class CaptionDecoder(nn.Module):
             logits.append(step_logits)
             if alpha is not None:
                 alphas.append(alpha)
+        stacked = torch.stack(logits, 1)  # (B, T, V)
         return DecoderOutput(
-            torch.stack(logits, 1),  # (B, T, V)
+            stacked if keep is None else stacked[keep],  # (B, T, V) | (N, V)
             torch.stack(alphas, 1) if alphas else None,  # (B, T, N)
         )
 
@@ -89,13 +109,15 @@ class ShowTellDecoder(CaptionDecoder):
         hidden_dim: int = 512,
         num_layers: int = 1,
         dropout: float = 0.5,
+        feature_dropout: float = 0.0,
+        feature_norm: str = "batch",
     ) -> None:
         super().__init__()
         if rnn not in RNNS:
             raise ValueError(f"decoder.rnn must be one of {sorted(RNNS)}, got {rnn!r}")
         self.rnn_type, self.num_layers, self.hidden_dim = rnn, num_layers, hidden_dim
         n_states = 2 if rnn == "lstm" else 1
-        self.feat_drop = nn.Dropout(dropout)
+        self._image_input(feature_dim, feature_norm, feature_dropout)
         self.init_proj = nn.Linear(feature_dim, n_states * num_layers * hidden_dim)  # h0 (, c0)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.rnn = RNNS[rnn](
@@ -110,7 +132,9 @@ class ShowTellDecoder(CaptionDecoder):
 
     def init_state(self, feats: Features) -> State:
         B = feats.pooled.size(0)
-        init = torch.tanh(self.init_proj(self.feat_drop(feats.pooled)))  # (B, S*L*H)
+        init = torch.tanh(
+            self.init_proj(self.feat_drop(self.feat_norm(feats.pooled)))
+        )  # (B, S*L*H)
         init = init.view(B, -1, self.num_layers, self.hidden_dim)  # (B, S, L, H)
         return tuple(init.unbind(1))  # S tensors of (B, L, H)
 
@@ -127,14 +151,22 @@ class ShowTellDecoder(CaptionDecoder):
         out, hx = self.rnn(x, self._rnn_state(state))  # (B, 1, H)
         return self.head(self.drop(out.squeeze(1))), self._batch_state(hx), None  # (B, V)
 
-    def forward(self, feats: Features, tokens: torch.Tensor, ss_prob: float = 0.0) -> DecoderOutput:
+    def forward(
+        self,
+        feats: Features,
+        tokens: torch.Tensor,
+        ss_prob: float = 0.0,
+        keep: torch.Tensor | None = None,
+    ) -> DecoderOutput:
         if ss_prob > 0:
-            return super().forward(feats, tokens, ss_prob)
+            return super().forward(feats, tokens, ss_prob, keep)
         # Fast path: one cuDNN call over the padded batch. The RNN runs left to right, so what
         # sits after a caption's end never reaches its real positions; the loss ignores <pad>.
         x = self.drop(self.embed(tokens))  # (B, T, E)
         out, _ = self.rnn(x, self._rnn_state(self.init_state(feats)))  # (B, T, H)
-        return DecoderOutput(self.head(self.drop(out)))  # (B, T, V)
+        if keep is not None:
+            out = out[keep]  # (N, H): the vocabulary projection only where there is a target
+        return DecoderOutput(self.head(self.drop(out)))  # (B, T, V) | (N, V)
 
 
 class AttentionDecoder(CaptionDecoder):
@@ -158,10 +190,15 @@ class AttentionDecoder(CaptionDecoder):
         attention_dim: int = 512,
         dropout: float = 0.5,
         gate: bool = True,
+        feature_dropout: float = 0.0,
+        feature_norm: str = "batch",
     ) -> None:
         super().__init__()
         if rnn not in CELLS:
             raise ValueError(f"decoder.rnn must be one of {sorted(CELLS)}, got {rnn!r}")
+        self._image_input(
+            feature_dim, feature_norm, feature_dropout
+        )  # per channel, over all regions
         self.rnn_type, self.hidden_dim = rnn, hidden_dim
         n_states = 2 if rnn == "lstm" else 1
         self.init_proj = nn.Linear(feature_dim, n_states * hidden_dim)  # mean feature -> h0 (, c0)
@@ -180,6 +217,8 @@ class AttentionDecoder(CaptionDecoder):
         grid = feats.grid  # (B, R, C)
         if grid is None:
             raise ValueError("attention decoders need the encoder's spatial map (Features.grid)")
+        B, R, C = grid.shape
+        grid = self.feat_drop(self.feat_norm(grid.reshape(B * R, C)).view(B, R, C))  # (B, R, C)
         init = torch.tanh(self.init_proj(grid.mean(1)))  # (B, S*H)
         keys = self.key_proj(grid)  # (B, R, A)
         return (*init.split(self.hidden_dim, dim=-1), grid, keys)  # h (, c), grid, keys

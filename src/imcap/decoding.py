@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from imcap.decoder import CaptionDecoder
 from imcap.encoder import Features
 
-PAD = 0
+PAD, UNK = 0, 3  # imcap.text.Vocab's fixed ids
 
 
 def _log_probs(logits: torch.Tensor, bos: int, temperature: float = 1.0) -> torch.Tensor:
-    """Log-softmax over words a caption may contain: never <pad> or <bos>."""
-    banned = torch.tensor([PAD, bos], device=logits.device)
+    """Log-softmax over words a caption may contain: never <pad>, <bos> or <unk> (an "<unk>" in
+    a caption is no word to a reader, and the toolkit's tokenizer would split it into pieces)."""
+    banned = torch.tensor([PAD, bos, UNK], device=logits.device)
     return F.log_softmax(logits.float().index_fill(1, banned, float("-inf")) / temperature, -1)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +130,8 @@ class Encoder(nn.Module):
 
     def _hub_state_dict(self) -> dict[str, torch.Tensor]:
         try:
-            ref = timm.create_model(self.name, pretrained=True, num_classes=0)
+            with _hub_access():
+                ref = timm.create_model(self.name, pretrained=True, num_classes=0)
         except Exception as e:  # noqa: BLE001 - network, hub and missing-weights errors alike
             raise UserError(
                 f"could not fetch ImageNet weights for '{self.name}' from the model hub "
@@ -212,6 +215,29 @@ class Encoder(nn.Module):
         if fmap.ndim == 4:
             fmap = fmap.flatten(2).transpose(1, 2)  # (B, H*W, C)
         return Features(pooled, fmap)
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_access():
+    """Offline, make the hub client use its local cache only: without this it retries for
+    about a minute before failing; with it a missing file fails at once."""
+    import huggingface_hub.constants as hf
+
+    offline = not hub_reachable()
+    saved = hf.HF_HUB_OFFLINE
+    hf.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        hf.HF_HUB_OFFLINE = saved
 
 
 def map_lukemelas_to_timm(

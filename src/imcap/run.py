@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from imcap.datamodule import CaptionDataModule
@@ -67,30 +68,38 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def build_model(cfg: DictConfig, dm: CaptionDataModule) -> Captioner:
-    """Vocabulary from the data (or the init checkpoint), model from the config, weights loaded."""
-    init = load_captioner(cfg.init_from) if cfg.get("init_from") else None
-    vocab = dm.build_vocab(init.vocab if init is not None else None)
-    encoder = {k: v for k, v in plain(cfg.encoder).items() if k in ENCODER_ARGS}
-    data_meta = {k: plain(cfg.data)[k] for k in ("name", "root", "loader", "source")}
-    model = Captioner(
-        vocab=vocab.to_dict(),
-        encoder=encoder,
-        decoder=plain(cfg.decoder),
-        optim=plain(cfg.model.optim),
-        loss=plain(cfg.model.loss),
-        decoding=plain(cfg.model.decoding),
-        data=data_meta,
-    )
-    if init is not None:
-        try:
-            model.load_state_dict(init.state_dict())
-        except RuntimeError as e:
-            raise UserError(
-                f"init_from={cfg.init_from} does not fit this model (different encoder/decoder config?): "
-                f"{str(e).splitlines()[0][:200]}. Use the encoder= and decoder= it was trained with"
-            ) from None
-        log.info("initialised from %s (its vocabulary of %d words)", cfg.init_from, len(vocab))
+    """Vocabulary from the data, model from the config, weights loaded.
+
+    With `init_from=<ckpt>` (a second stage, e.g. SCST) the checkpoint's vocabulary, encoder and
+    decoder are kept (so they always fit its weights); optimisation, loss, decoding and SCST
+    settings come from this config.
+    """
+    run_args = {
+        "optim": plain(cfg.model.optim),
+        "loss": plain(cfg.model.loss),
+        "decoding": plain(cfg.model.decoding),
+        "scst": plain(cfg.model.get("scst")),
+        "data": {k: plain(cfg.data)[k] for k in ("name", "root", "loader", "source")},
+    }
+    if cfg.get("init_from"):
+        init = load_captioner(cfg.init_from)
+        dm.build_vocab(init.vocab)
+        hp = dict(init.hparams)
+        model = Captioner(**{**hp, **run_args, "encoder": {**hp["encoder"], "pretrained": False}})
+        model.load_state_dict(init.state_dict())
+        if plain(cfg.decoder) != hp["decoder"]:
+            log.warning(
+                "init_from: using the checkpoint's decoder %s (the config's differs)", hp["decoder"]
+            )
+        log.info(
+            "initialised from %s (its vocabulary of %d words)", cfg.init_from, len(model.vocab)
+        )
     else:
+        vocab = dm.build_vocab()
+        encoder = {k: v for k, v in plain(cfg.encoder).items() if k in ENCODER_ARGS}
+        model = Captioner(
+            vocab=vocab.to_dict(), encoder=encoder, decoder=plain(cfg.decoder), **run_args
+        )
         source = model.encoder.load_pretrained()
         log.info("encoder %s, weights: %s", model.encoder.name, source)
     model.metrics_cfg = plain(cfg.metrics)
@@ -105,7 +114,10 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     dm = CaptionDataModule(**plain(cfg.data))
     model = build_model(cfg, dm)
-    dm.vocab.save(out / "vocab.json")
+    if cfg.get("ckpt_path"):
+        check_resume_vocab(cfg.ckpt_path, dm.vocab)
+    if rank_zero_only.rank == 0:
+        dm.vocab.save(out / "vocab.json")
     trainable = (
         model.encoder.trainable or cfg.encoder.get("finetune", {}).get("start_epoch") is not None
     )
@@ -130,32 +142,70 @@ def train(cfg: DictConfig) -> float | None:
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     results: dict[str, Any] = {
         "best_checkpoint": best,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "fit_seconds": round(time.perf_counter() - started, 1),
     }
+    curves = next((c for c in callbacks if hasattr(c, "epoch_seconds")), None)
+    if curves is not None:
+        results["epoch_seconds"] = curves.epoch_seconds
+    if dm.cache is not None:
+        keys = (
+            "encoder",
+            "weights",
+            "num_images",
+            "seconds",
+            "images_per_second",
+            "device",
+            "bad_files",
+        )
+        results["features"] = {
+            "directory": str(dm.cache.directory),
+            **{k: dm.cache.manifest.get(k) for k in keys},
+        }
     trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False)
     results["val"] = model.scores.get("val", {})
-    write_captions(out / "captions_val.json", model.predictions.get("val", {}), dm, "val")
+    if trainer.is_global_zero:
+        write_captions(out / "captions_val.json", model.predictions.get("val", {}), dm, "val")
     if cfg.get("test"):
         if dm.has_split("test"):
             dm.split = "test"
             trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
             results["test"] = model.scores.get("test", {})
-            write_captions(
-                out / "captions_test.json", model.predictions.get("test", {}), dm, "test"
-            )
+            if trainer.is_global_zero:
+                write_captions(
+                    out / "captions_test.json", model.predictions.get("test", {}), dm, "test"
+                )
         else:
             log.warning(
                 "dataset %s has no test split: skipped the final test; report val scores", dm.name
             )
     results["total_seconds"] = round(time.perf_counter() - started, 1)
-    (out / "metrics.json").write_text(json.dumps(results, indent=1))
-    samples = next((c.latest for c in callbacks if getattr(c, "latest", None)), None)
-    summary(out, best, results, samples)
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        samples = next((c.latest for c in callbacks if getattr(c, "latest", None)), None)
+        summary(out, best, results, samples)
     metric = cfg.get("optimized_metric")
     if metric:
         split, name = metric.split("/", 1)
         return results.get(split, {}).get(name)
     return results["val"].get("CIDEr")
+
+
+def check_resume_vocab(ckpt_path: str, vocab) -> None:
+    """Resuming needs the vocabulary the checkpoint was trained with (its output layer)."""
+    p = Path(str(ckpt_path)).expanduser()
+    if not p.is_file():
+        raise UserError(
+            f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> to resume"
+        )
+    hp = torch.load(p, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    tokens = (hp.get("vocab") or {}).get("tokens")
+    if tokens != vocab.tokens:
+        n = len(tokens) if tokens else 0
+        raise UserError(
+            f"{p} was trained with another vocabulary ({n} words; this data builds {len(vocab)}). "
+            "Resume with the same data and data.vocab settings, or start a new run from its weights "
+            f"and vocabulary with init_from={p}"
+        )
 
 
 def write_captions(path: Path, preds: dict[str, str], dm: CaptionDataModule, split: str) -> None:

@@ -44,7 +44,7 @@ def attention_figure(
     ]  # (n, H, W)
     cols = min(5, n + 1)
     rows = math.ceil((n + 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(img)
@@ -59,7 +59,7 @@ def attention_figure(
     fig.tight_layout()
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=80)
+    fig.savefig(target, dpi=72)
     plt.close(fig)
     return target
 

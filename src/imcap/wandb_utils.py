@@ -34,5 +34,21 @@ def wandb_logger(lcfg: DictConfig, cfg: DictConfig):
             run_dir,
         )
         print(f"W&B: offline run; upload later with `wandb sync {run_dir}/offline-run-*`")
+    group = sweep_group()
+    if group and not lcfg.get("group"):
+        overrides["group"] = group  # one W&B group per sweep
     Path(lcfg.save_dir).mkdir(parents=True, exist_ok=True)
     return instantiate(lcfg, **overrides)
+
+
+def sweep_group() -> str | None:
+    """`sweep-<sweep dir name>` inside a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return f"sweep-{Path(hc.sweep.dir).name}"

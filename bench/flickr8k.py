@@ -1,0 +1,195 @@
+"""make bench-data: Flickr8k two-step benchmark on this machine (JSON + printed table).
+
+Runs, in one process:
+  1. Show and Tell (LSTM 512) two-step: feature extraction (cold cache) + training + val scores
+     with greedy and beam-3 decoding: the whole run is timed.
+  2. The same with a GRU (the feature cache is reused: a cache hit).
+  3. Joint mode: seconds per epoch with images through the frozen encoder, measured on a
+     slice of an epoch and extrapolated.
+
+    python bench/flickr8k.py [--data-root ../shared/data/flickr8k] [--epochs 20] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("IMCAP_ROOT", str(ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from imcap.datamodule import CaptionDataModule  # noqa: E402
+from imcap.module import load_captioner  # noqa: E402
+from imcap.run import plain, train  # noqa: E402
+
+KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def compose_train(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def beam_scores(ckpt: str, cfg, beam: int) -> dict[str, float]:
+    """Val scores of a checkpoint with beam search, on the cached features (same as images)."""
+    model = load_captioner(ckpt)
+    model.decoding["beam_size"] = beam
+    model.metrics_cfg = plain(cfg.metrics)
+    dm = CaptionDataModule(**{**plain(cfg.data), "split": "val"})
+    dm.build_vocab(model.vocab)
+    dm.attach(model.encoder, "two_step", grid=model.decoder.uses_grid)
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        model, datamodule=dm, verbose=False
+    )
+    return model.scores["val"]
+
+
+def run(name: str, overrides: list[str], out: Path, beam: int) -> dict:
+    started = time.perf_counter()
+    cfg = compose_train([*overrides, f"paths.output_dir={out / name}"])
+    train(cfg)
+    metrics = json.loads((out / name / "metrics.json").read_text())
+    wall = time.perf_counter() - started
+    row = {
+        "name": name,
+        "overrides": overrides,
+        "wall_seconds": round(wall, 1),
+        "features": metrics.get("features"),
+        "epoch_seconds": metrics.get("epoch_seconds"),
+        "val_greedy": metrics["val"],
+    }
+    if beam > 1:
+        row["val_beam"] = beam_scores(metrics["best_checkpoint"], cfg, beam)
+        row["beam_size"] = beam
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument(
+        "--joint-batches",
+        type=int,
+        default=15,
+        help="batches timed for the joint-mode epoch estimate",
+    )
+    ap.add_argument("--smoke", action="store_true", help="a few images and one epoch (tests)")
+    ap.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="reuse an existing feature cache (no cold extraction)",
+    )
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    runs_dir = out / ("flickr8k_smoke_runs" if args.smoke else "flickr8k_runs")
+    cache = runs_dir / "cache"
+    if not args.keep_cache:
+        shutil.rmtree(cache, ignore_errors=True)  # a cold start: extraction is part of the bench
+    common = [
+        f"data.root={args.data_root}",
+        f"paths.cache_dir={cache}",
+        f"trainer.max_epochs={args.epochs}",
+        "+trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+    if args.smoke:
+        common += [
+            "data.max_train_images=64",
+            "data.max_eval_images=32",
+            "data.num_workers=0",
+            "metrics.meteor=false",
+        ]
+    lstm = run("show_tell_lstm", ["experiment=show_tell_flickr8k", *common], runs_dir, args.beam)
+    gru = run("show_tell_gru", ["experiment=show_tell_gru_flickr8k", *common], runs_dir, args.beam)
+
+    joint_cfg = [
+        "experiment=show_tell_flickr8k",
+        *common,
+        "mode=joint",
+        "trainer.max_epochs=1",
+        f"+trainer.limit_train_batches={args.joint_batches}",
+        "+trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.early_stopping=null",
+        "test=false",
+    ]
+    cfg = compose_train([*joint_cfg, f"paths.output_dir={runs_dir / 'joint'}"])
+    dm = CaptionDataModule(**plain(cfg.data))
+    n_batches = -(
+        -len(dm.load_records()["train"]) * (cfg.data.captions_per_image or 5) // cfg.data.batch_size
+    )
+    train(cfg)
+    timed = json.loads((runs_dir / "joint" / "metrics.json").read_text())["epoch_seconds"][0]
+    n_timed = min(args.joint_batches, n_batches)
+    joint = {
+        "batches_timed": n_timed,
+        "seconds_timed": timed,
+        "batches_per_epoch": n_batches,
+        "seconds_per_epoch_estimate": round(timed / n_timed * n_batches, 1),
+    }
+
+    result = {
+        "bench": "flickr8k",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "data_root": args.data_root,
+        "epochs": args.epochs,
+        "smoke": args.smoke,
+        "runs": [lstm, gru],
+        "joint": joint,
+    }
+    name = "flickr8k_smoke.json" if args.smoke else "flickr8k.json"
+    (out / name).write_text(json.dumps(result, indent=1))
+    print_table(result)
+    print(f"\nJSON: {out / name}")
+
+
+def print_table(result: dict) -> None:
+    print(f"\nFlickr8k val (x100), {result['epochs']} epochs, {result['machine']['cpus']} CPUs")
+    print(f"{'run':16s} {'decode':7s} " + " ".join(f"{k:>7s}" for k in KEYS) + "   wall s")
+    for r in result["runs"]:
+        for label, key in (("greedy", "val_greedy"), (f"beam{r.get('beam_size', '')}", "val_beam")):
+            if key in r:
+                scores = " ".join(f"{100 * r[key].get(k, float('nan')):7.2f}" for k in KEYS)
+                print(f"{r['name']:16s} {label:7s} {scores}   {r['wall_seconds']:.0f}")
+    lstm = result["runs"][0]
+    f = lstm.get("features") or {}
+    print(
+        f"\nfeature extraction: {f.get('num_images')} images, {f.get('seconds')} s, {f.get('images_per_second')} images/s"
+    )
+    for r in result["runs"]:
+        es = r.get("epoch_seconds") or []
+        if es:
+            print(f"{r['name']}: {sum(es) / len(es):.1f} s per training epoch (two-step)")
+    j = result["joint"]
+    print(
+        f"joint mode: ~{j['seconds_per_epoch_estimate']} s per epoch ({j['batches_timed']} of {j['batches_per_epoch']} batches timed)"
+    )
+
+
+if __name__ == "__main__":
+    main()
