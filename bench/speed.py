@@ -141,7 +141,8 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     # -- the real Lightning loop -----------------------------------------------------------------
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == warm and not hasattr(self, "t0"):  # batch_idx restarts each epoch
+            # global_step, not batch_idx: batch_idx restarts every epoch
+            if trainer.global_step == warm and not hasattr(self, "t0"):
                 sync(device)
                 self.t0 = time.perf_counter()
 

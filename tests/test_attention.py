@@ -66,10 +66,10 @@ def test_doubly_stochastic_regulariser() -> None:
     l0, l1 = m0.caption_loss(feats, tokens), m1.caption_loss(feats, tokens)
     assert "attention_reg" not in l0
     torch.testing.assert_close(l0["ce"], l1["ce"])
-    # by hand: lambda * sum_regions (1 - sum_t alpha)^2 over real (non-pad) steps, batch mean
+    # by hand: lambda * mean over regions and images of (1 - sum_t alpha)^2 over real steps
     alphas = m1.decoder(feats, tokens[:, :-1]).alphas  # (B, T, R)
     mask = (tokens[:, 1:] != 0).float()[..., None]
-    expected = ((1 - (alphas * mask).sum(1)) ** 2).sum(1).mean()
+    expected = ((1 - (alphas * mask).sum(1)) ** 2).mean()
     torch.testing.assert_close(l1["attention_reg"], expected)
     torch.testing.assert_close(l1["loss"], l1["ce"] + expected)
     # minimising it spreads attention: coverage moves towards 1 everywhere

@@ -79,17 +79,12 @@ def test_optuna_sweep_three_trials(tmp_path: Path) -> None:
     d = sweep_dir(tmp_path)
     assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
     result = yaml.safe_load((d / "optimization_results.yaml").read_text())
-    assert result["n_trials"] == 3 and set(result["best_params"]) == {
-        "model.optim.lr",
-        "decoder.rnn",
-        "decoder.hidden_dim",
-        "decoder.dropout",
-    }
+    # decoder.hidden_dim=32 on the command line fixes that axis of the search space
+    assert result["n_trials"] == 3
+    assert set(result["best_params"]) == {"model.optim.lr", "decoder.rnn", "decoder.dropout"}
     assert 1e-4 <= result["best_params"]["model.optim.lr"] <= 3e-3
     values = [json.loads((d / j / "metrics.json").read_text())["val"]["CIDEr"] for j in "012"]
-    assert result["best_value"] == pytest.approx(
-        max(values)
-    )  # train() returned val/CIDEr to Optuna
+    assert result["best_value"] == pytest.approx(max(values))  # train() returned val/CIDEr
 
 
 def test_ddp_sim_scores_each_image_once(tmp_path: Path) -> None:

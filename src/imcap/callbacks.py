@@ -127,7 +127,14 @@ class EncoderFinetuning(BaseFinetuning):
         params = [p for p in self._blocks(pl_module) if not p.requires_grad]
         for p in params:
             p.requires_grad_(True)
-        optimizer.add_param_group({"params": params, "lr": self.lr})
+        optimizer.add_param_group({"params": params, "lr": self.lr, "initial_lr": self.lr})
+        # a per-group scheduler (LambdaLR) must learn about the new group, or its next step fails;
+        # the encoder then follows the same warmup/cosine factor as the decoder
+        for config in pl_module.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if getattr(sched, "optimizer", None) is optimizer and hasattr(sched, "lr_lambdas"):
+                sched.lr_lambdas.append(sched.lr_lambdas[0])
+                sched.base_lrs.append(self.lr)
         log.info(
             "epoch %d: fine-tuning %d encoder tensors at lr %g", current_epoch, len(params), self.lr
         )

@@ -143,10 +143,11 @@ class Captioner(L.LightningModule):
         losses = {"ce": ce, "loss": ce}
         if out.alphas is not None and self.loss_cfg["attention_reg"] > 0:
             # Doubly stochastic attention (Xu et al. 2015): every region should receive about
-            # one unit of attention over the caption: lambda * sum_i (1 - sum_t alpha_ti)^2.
+            # one unit of attention over the caption, (1 - sum_t alpha_ti)^2, averaged over
+            # regions and images (summed over 49 regions it would dwarf the cross-entropy).
             mask = keep.unsqueeze(-1).float()  # (B, T, 1)
             coverage = (out.alphas * mask).sum(1)  # (B, N)
-            reg = ((1.0 - coverage) ** 2).sum(1).mean()
+            reg = ((1.0 - coverage) ** 2).mean()
             losses["attention_reg"] = reg
             losses["loss"] = ce + float(self.loss_cfg["attention_reg"]) * reg
         return losses

@@ -50,7 +50,7 @@ class OptunaSweeper(Sweeper):
         n_jobs: int = 1,
         study_name: str | None = None,
         storage: str | None = None,
-        sampler: dict | None = None,
+        sampler: Any = None,
         params: dict | None = None,
     ) -> None:
         self.direction, self.n_trials, self.n_jobs = direction, n_trials, max(1, n_jobs)
@@ -80,7 +80,9 @@ class OptunaSweeper(Sweeper):
             else:
                 space[key] = dist
                 fixed.pop(key, None)
-        sampler = instantiate(self.sampler_cfg) if self.sampler_cfg else None
+        sampler = self.sampler_cfg  # Hydra instantiates the nested `_target_` recursively
+        if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
+            sampler = instantiate(sampler)
         study = optuna.create_study(
             study_name=self.study_name,
             storage=self.storage,
