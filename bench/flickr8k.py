@@ -7,7 +7,7 @@ Runs, in one process:
   3. Joint mode: seconds per epoch with images through the frozen encoder, measured on a
      slice of an epoch and extrapolated.
 
-    python bench/flickr8k.py [--data-root ../shared/data/flickr8k] [--epochs 20] [--smoke]
+    python bench/flickr8k.py [--data-root ../shared/data/flickr8k] [--epochs N] [--smoke]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the experiment file's")
     ap.add_argument("--beam", type=int, default=3)
     ap.add_argument(
         "--joint-batches",
@@ -106,13 +106,14 @@ def main() -> None:
     common = [
         f"data.root={args.data_root}",
         f"paths.cache_dir={cache}",
-        f"trainer.max_epochs={args.epochs}",
+        *([f"trainer.max_epochs={args.epochs}"] if args.epochs else []),
         "+trainer.enable_progress_bar=false",
         "logger=csv",
     ]
     if args.smoke:
         common += [
             "data.max_train_images=64",
+            *([] if args.epochs else ["trainer.max_epochs=1"]),
             "data.max_eval_images=32",
             "data.num_workers=0",
             "metrics.meteor=false",
@@ -157,7 +158,7 @@ def main() -> None:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
         "data_root": args.data_root,
-        "epochs": args.epochs,
+        "epochs": len(lstm["epoch_seconds"] or []),
         "smoke": args.smoke,
         "runs": [lstm, gru],
         "joint": joint,
