@@ -51,7 +51,7 @@ def test_short_scst_stage_raises_train_cider(trained: dict, shared: Path) -> Non
     after = train_set_cider(metrics["best_checkpoint"], shared)
     print(f"train-set CIDEr-D: before SCST {before:.3f}, after {after:.3f}")
     # the model starts strong (train CIDEr-D ~1.5); a sign error in the policy gradient drops it
-    assert after > before + 0.03
+    assert after > before + 0.05
     # the reward was logged: train/reward rises over the stage
     log = (shared / "scst" / "csv" / "metrics.csv").read_text().splitlines()
     header = log[0].split(",")
