@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.install.stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all lint format clean bench bench-data
+.PHONY: help install train test test-slow test-all lint format clean bench bench-data recipe
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +43,11 @@ bench: $(STAMP) ## speed benchmarks (JSON in bench/results/)
 
 bench-data: $(STAMP) ## Flickr8k two-step benchmark: extraction, epochs, val scores (JSON)
 	$(PY) bench/flickr8k.py $(ARGS)
+
+DATA ?= ../shared/data/flickr8k
+recipe: $(STAMP) ## the best Flickr8k recipe end to end (DATA=<flickr8k root>): extraction, CE, SCST, beam-3 val table
+	$(PY) -m pip install -q -e ".[weights]"
+	$(PY) bench/recipe.py --data-root $(DATA) $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs .pytest_cache .ruff_cache lightning_logs wandb

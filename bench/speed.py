@@ -67,7 +67,9 @@ def fake_records(n_images: int, vocab_words: int, rng: random.Random) -> list[Im
 class CachedBench(CaptionDataModule):
     """The real two-step datamodule, its feature cache filled with random numbers."""
 
-    def __init__(self, records: list[ImageRecord], feature_dim: int, tmp: Path, **kw) -> None:
+    def __init__(
+        self, records: list[ImageRecord], feature_dim: int, tmp: Path, regions: int = 0, **kw
+    ) -> None:
         super().__init__("bench", str(tmp), **kw)
         self.records = {
             "train": [r for r in records if r.split == "train"],
@@ -77,16 +79,27 @@ class CachedBench(CaptionDataModule):
         n = len(records)
         pooled = np.memmap(tmp / "pooled.f16", dtype=np.float16, mode="w+", shape=(n, feature_dim))
         pooled[:] = np.random.default_rng(0).standard_normal((n, feature_dim)).astype(np.float16)
-        self.cache = CachedFeatures(tmp, {"bad_rows": []}, pooled, None)
+        grid = None
+        if regions:  # spatial maps for attention decoders, as float16 like a real cache
+            grid = np.memmap(
+                tmp / "grid.f16", dtype=np.float16, mode="w+", shape=(n, regions, feature_dim)
+            )
+            for i in range(0, n, 256):
+                grid[i : i + 256] = (
+                    np.random.default_rng(i).standard_normal(grid[i : i + 256].shape) * 0.5
+                ).astype(np.float16)
+        self.cache = CachedFeatures(tmp, {"bad_rows": []}, pooled, grid)
 
 
 def bench_training(args, device: torch.device, tmp: Path) -> dict:
     rng = random.Random(0)
     recs = fake_records(args.images, args.vocab, rng)
+    topdown = args.decoder == "topdown"
     dm = CachedBench(
         recs,
         1280,
         tmp,
+        regions=args.regions if topdown else 0,
         batch_size=args.batch_size,
         num_workers=0,
         vocab={"min_count": 1, "max_len": 20},
@@ -99,10 +112,12 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
         "hidden_dim": args.hidden,
         "dropout": 0.5,
     }
+    if topdown:  # conf/decoder/topdown.yaml
+        dec_cfg.update(_target_="imcap.decoder.TopDownDecoder", attention_dim=args.hidden)
     model = Captioner(
         vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, optim={"scheduler": "none"}
     )
-    dm.attach(model.encoder, "two_step")
+    dm.attach(model.encoder, "two_step", grid=topdown)
     dm.setup("fit")
     B, steps, warm = args.batch_size, args.steps, args.warmup
 
@@ -112,6 +127,7 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
         dec.compile()
     opt = torch.optim.AdamW(dec.parameters(), lr=4e-4, foreach=True)  # as Captioner
     bank = dm._bank["pooled"].to(device)
+    grid_bank = dm._bank["grid"].to(device) if topdown else None
     tokens, rows, lengths = dm.train_tokens.to(device), dm.train_rows.to(device), dm.train_lengths
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     perm = torch.randperm(len(rows))
@@ -124,11 +140,16 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
         T = int(lengths[idx_cpu].max())
         idx = idx_cpu.to(device, non_blocking=True)
         tok = tokens[idx, :T]
+        r = rows[idx]
+        feats = Features(bank[r], grid_bank[r].float() if topdown else None)
+        targets = tok[:, 1:]
+        keep = targets != 0  # as Captioner.caption_loss: on a CPU, logits only at targets
+        packed = device.type == "cpu"
         with amp:
-            out = dec(Features(bank[rows[idx]]), tok[:, :-1])
+            out = dec(feats, tok[:, :-1], keep=keep if packed else None)
             loss = F.cross_entropy(
                 out.logits.reshape(-1, out.logits.size(-1)).float(),
-                tok[:, 1:].reshape(-1),
+                targets[keep] if packed else targets.reshape(-1),
                 ignore_index=0,
             )
         opt.zero_grad(set_to_none=True)
@@ -174,6 +195,8 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
             "vocab": len(vocab),
             "hidden": args.hidden,
             "rnn": args.rnn,
+            "decoder": args.decoder,
+            "regions": args.regions if topdown else None,
             "feature_dim": 1280,
             "train_captions": len(rows),
         },
@@ -197,7 +220,7 @@ def bench_extraction(args, device: torch.device, tmp: Path) -> dict:
         p = img_dir / f"{i:05d}.jpg"
         render(scene, 224).save(p, quality=85)
         paths.append(p)
-    enc = Encoder("tf_efficientnet_lite0")
+    enc = Encoder(args.encoder)
     start = time.perf_counter()
     cache = ensure_features(
         enc,
@@ -207,6 +230,7 @@ def bench_extraction(args, device: torch.device, tmp: Path) -> dict:
         batch_size=args.extract_batch,
         num_workers=args.workers,
         device=device,
+        precision=args.extract_precision,
     )
     seconds = time.perf_counter() - start
     return {
@@ -214,7 +238,8 @@ def bench_extraction(args, device: torch.device, tmp: Path) -> dict:
         "seconds": round(seconds, 2),
         "images_per_s": round(len(paths) / seconds, 1),
         "encoder": enc.name,
-        "input": "224 px JPEG",
+        "input": f"224 px JPEG -> {enc.data_config['input_size'][-1]} px",
+        "precision": cache.manifest["precision"],
         "workers": args.workers,
         "rows": int(cache.pooled.shape[0]),
     }
@@ -275,6 +300,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--rnn", default="lstm")
+    ap.add_argument("--decoder", default="showtell", choices=["showtell", "topdown"])
+    ap.add_argument("--regions", type=int, default=81, help="topdown: grid regions (Lite2: 9x9)")
+    ap.add_argument("--encoder", default="tf_efficientnet_lite0", help="extraction bench")
+    ap.add_argument("--extract-precision", default="auto", help="auto | float32 | bfloat16")
     ap.add_argument(
         "--vocab", type=int, default=2600, help="distinct words (Flickr8k at min count 5: ~2,600)"
     )
@@ -289,6 +318,7 @@ def main() -> None:
     ap.add_argument("--metric-images", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, no timing value (tests)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the JSON name, e.g. topdown_bf16")
     args = ap.parse_args()
     if args.smoke:
         args.images, args.steps, args.warmup, args.vocab, args.hidden = 200, 3, 1, 50, 32
@@ -328,6 +358,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "smoke" if args.smoke else device.type
+    if args.tag:
+        tag = f"{tag}_{args.tag}"
     path = out / f"speed_{tag}.json"
     path.write_text(json.dumps(result, indent=1))
     t, e, b, m = (

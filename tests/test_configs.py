@@ -97,3 +97,31 @@ def test_eval_and_caption_compose() -> None:
 def test_runtime_values_are_missing_until_filled() -> None:
     base = OmegaConf.load(CONF / "data" / "_base.yaml")
     assert OmegaConf.is_missing(base, "name") and OmegaConf.is_missing(base, "root")
+
+
+def test_debug_fast_shrinks_the_run() -> None:
+    """`debug=fast` must reach the global keys (its `# @package _global_` header has to be the
+    first line, or Hydra nests everything under `debug.` and the run stays full size)."""
+    full = resolve(compose_cfg("train", []))
+    fast = resolve(compose_cfg("train", ["debug=fast"]))
+    assert "debug" not in fast
+    assert fast["trainer"]["max_epochs"] == 1 < full["trainer"]["max_epochs"]
+    assert fast["trainer"]["limit_train_batches"] == 4
+    assert fast["data"]["max_train_images"] == 64 and full["data"]["max_train_images"] is None
+    assert fast["data"]["max_eval_images"] == 16
+
+
+def test_debug_fast_run_is_quick_and_logs_lines_not_bar_redraws(tmp_path: Path) -> None:
+    from conftest import cli
+
+    res = cli(
+        "train.py",
+        "debug=fast",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = res.stdout + res.stderr  # not a terminal: no progress-bar redraws
+    assert len(log.encode()) < 50_000 and "\r" not in log
+    assert (tmp_path / "run" / "metrics.json").exists()

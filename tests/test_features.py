@@ -209,3 +209,31 @@ def test_image_files_error_policy_names_the_file(tmp_path: Path) -> None:
         files[0]
     with pytest.raises(UserError, match="bad_images"):
         ImageFiles([bad], lambda x: x, bad_images="ignore")
+
+
+def test_gpu_decode_path_decodes_jpeg_bytes_like_the_cpu_transform(tmp_path: Path) -> None:
+    """data.gpu_decode: the loader yields raw JPEG bytes (different lengths per file), decoded
+    by torchvision (nvJPEG on a GPU; here on the CPU) into the same images as the PIL path."""
+    recs = records(tmp_path)
+    yy, xx = np.mgrid[0:40, 0:64] / 40.0
+    for i, r in enumerate(recs):  # smooth JPEGs of different sizes (byte strings differ in length)
+        w = 48 + 8 * (i % 3)
+        rgb = np.stack([np.sin(xx * (1 + i % 4) + c) * np.cos(yy * 2 + c) for c in (0, 1, 2)], -1)
+        jpg = r.path.with_suffix(".jpg")
+        Image.fromarray(((rgb[:, :w] + 1) * 127.5).astype(np.uint8)).save(jpg, quality=95)
+        r.path = jpg
+    recs[3].path.write_bytes(b"\xff\xd8 not really a jpeg")
+    raw_dm = datamodule(tmp_path, recs, "joint", gpu_decode=True)
+    pil_dm = datamodule(tmp_path, recs, "joint")
+    raw_dm.trainer = pil_dm.trainer = None
+    torch.manual_seed(0)
+    raw_batches = [raw_dm.on_before_batch_transfer(b, 0) for b in raw_dm.train_dataloader()]
+    torch.manual_seed(0)
+    pil_batches = [pil_dm.on_before_batch_transfer(b, 0) for b in pil_dm.train_dataloader()]
+    assert sum(len(b["tokens"]) for b in raw_batches) == 12 - 2  # the corrupt image's 2 captions
+    assert raw_dm.bad_counts["train"] == 2
+    for a, b in zip(raw_batches, pil_batches, strict=True):
+        assert a["images"].shape == b["images"].shape and a["images"].shape[1:] == (3, 64, 64)
+        assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["tokens"], b["tokens"])
+        # bicubic on tensors vs PIL: close, not bit-equal (normalised units, range ~[-2, 2.6])
+        assert (a["images"] - b["images"]).abs().mean() < 0.05

@@ -227,3 +227,45 @@ class AttentionMaps(L.Callback):
                 logger.log_image(
                     key="val/attention", images=[str(f) for f in figures], step=trainer.global_step
                 )
+
+
+class ProgressLog(L.Callback):
+    """Progress as plain log lines when output is not a terminal (nohup, SLURM, CI): a line
+    every `every_seconds` with the epoch, step, loss and speed, instead of progress-bar
+    redraws that fill a log file with hundreds of KB of carriage returns."""
+
+    def __init__(self, every_seconds: float = 30.0) -> None:
+        self.every = float(every_seconds)
+        self._last = 0.0
+        self._epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if now - self._last < self.every or not trainer.is_global_zero:
+            return
+        self._last = now
+        total = trainer.num_training_batches
+        done = batch_idx + 1
+        rate = done / max(now - self._epoch_start, 1e-9)
+        loss = trainer.callback_metrics.get("train/loss")
+        eta = (total - done) / rate if isinstance(total, int) else float("nan")
+        log.info(
+            "epoch %d  step %d/%s  loss %s  %.2f it/s  epoch ETA %.0f s",
+            trainer.current_epoch,
+            done,
+            total,
+            f"{float(loss):.3f}" if loss is not None else "-",
+            rate,
+            eta,
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info(
+                "epoch %d done in %.0f s",
+                trainer.current_epoch,
+                time.perf_counter() - self._epoch_start,
+            )

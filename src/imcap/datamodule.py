@@ -103,14 +103,12 @@ def _identity(batch: Any) -> Any:
 
 
 class PairImages(Dataset):
-    """Joint training: one item per (image, caption) pair -> (image tensor, token ids)."""
+    """Joint training: one item per (image, caption) pair -> (image, token ids, image row).
+
+    The image is a transformed (3, H, W) tensor, or the file's raw bytes with `gpu_decode`."""
 
     def __init__(self, files: ImageFiles, pairs: np.ndarray, tokens: list[list[int]]) -> None:
-        self.files, self.pairs, self.tokens = (
-            files,
-            pairs,
-            tokens,
-        )  # pairs: (P, 2) [image row, caption row]
+        self.files, self.pairs, self.tokens = files, pairs, tokens  # pairs: (P, 2) [row, caption]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -118,20 +116,28 @@ class PairImages(Dataset):
     def __getitem__(self, i: int):
         row, cap = self.pairs[i]
         _, image = self.files[int(row)]
-        return image, self.tokens[int(cap)]
+        return image, self.tokens[int(cap)], int(row)
 
 
 def collate_pairs(items: list) -> dict[str, Any]:
-    good = [(x, t) for x, t in items if x is not None]
+    """Pairs -> a training batch; unreadable images are dropped and counted in `bad`.
+
+    Raw JPEG bytes (gpu_decode) differ in length per file, so they stay a list for
+    `decode_batch`; decoded images are stacked."""
+    good = [it for it in items if it[0] is not None]
     if not good:
         return {
             "images": torch.empty(0),
             "tokens": torch.empty(0, 0, dtype=torch.long),
+            "rows": torch.empty(0, dtype=torch.long),
             "bad": len(items),
         }
+    images = [x for x, _, _ in good]
+    raw = images[0].dtype == torch.uint8 and images[0].ndim == 1
     return {
-        "images": torch.stack([x for x, _ in good]),  # (B, 3, H, W)
-        "tokens": pad_tokens([t for _, t in good]),  # (B, T+2)
+        "images": images if raw else torch.stack(images),  # list of (nbytes,) | (B, 3, H, W)
+        "tokens": pad_tokens([t for _, t, _ in good]),  # (B, T+2)
+        "rows": torch.tensor([r for _, _, r in good]),  # (B,)
         "bad": len(items) - len(good),
     }
 
@@ -159,6 +165,7 @@ class CaptionDataModule(L.LightningDataModule):
         captions_per_image: int | None = None,
         seed: int = 0,
         gpu_decode: bool = False,
+        extract_precision: str = "auto",
         **_: Any,
     ) -> None:
         super().__init__()
@@ -174,6 +181,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.blind = blind  # ablation: every image becomes the same blank input
         self.captions_per_image, self.seed = captions_per_image, seed
         self.gpu_decode = gpu_decode  # joint mode: JPEG bytes to the GPU, decoded there (nvJPEG)
+        self.extract_precision = extract_precision
         self.records: dict[str, list[ImageRecord]] | None = None
         self.vocab: Vocab | None = None
         self.encoder: Encoder | None = None
@@ -272,6 +280,7 @@ class CaptionDataModule(L.LightningDataModule):
                 batch_size=self.eval_batch_size,
                 num_workers=self.num_workers,
                 bad_images=self.bad_images,
+                precision=self.extract_precision,
             )
             if self.cache.bad:
                 self.bad_counts["extraction"] = len(self.cache.bad)

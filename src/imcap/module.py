@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import pydoc
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +36,14 @@ DEFAULT_OPTIM = {
 }
 DEFAULT_LOSS = {"label_smoothing": 0.0, "attention_reg": 1.0, "ss_prob": 0.0, "ss_ramp_epochs": 0}
 DEFAULT_DECODING = {"beam_size": 1, "max_len": 20, "length_penalty": 0.0}
-DEFAULT_SCST = {"enabled": False, "num_samples": 5, "baseline": "greedy", "temperature": 1.0}
+DEFAULT_SCST = {
+    "enabled": False,
+    "num_samples": 5,
+    "baseline": "greedy",
+    "temperature": 1.0,
+    "eos_reward": True,
+}
+EOS_WORD = "<eos>"  # the end of a caption as a word of the CIDEr-D reward (scst.eos_reward)
 SCST_BASELINES = ("greedy", "mean")
 
 
@@ -166,9 +174,9 @@ class Captioner(L.LightningModule):
     # -- self-critical sequence training (Rennie et al. 2017) ----------------------------------
     def on_fit_start(self) -> None:
         if self.scst["enabled"] and self._cider is None:
-            from imcap.metrics import CiderD
-
-            self._cider = CiderD(self.trainer.datamodule.train_references_tokens())
+            self._cider = scst_reward(
+                self.trainer.datamodule.train_references_tokens(), self.scst["eos_reward"]
+            )
 
     def scst_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """REINFORCE with CIDEr-D as the reward and a baseline: the model's own greedy caption
@@ -182,16 +190,14 @@ class Captioner(L.LightningModule):
         )
         ids = rows.repeat_interleave(K).tolist()
         reward = self._reward(tokens, ids)  # (B*K,)
+        greedy_reward = None
         if self.scst["baseline"] == "greedy":
             self.decoder.eval()
             with torch.no_grad():
                 g = greedy(self.decoder, feats, v.bos_id, v.eos_id, max_len).tokens
             self.decoder.train()
-            base = self._reward(g, rows.tolist()).repeat_interleave(K)  # (B*K,)
-        else:
-            r = reward.view(B, K)
-            base = ((r.sum(1, keepdim=True) - r) / max(K - 1, 1)).view(-1)  # leave-one-out mean
-        advantage = reward - base  # (B*K,)
+            greedy_reward = self._reward(g, rows.tolist())  # (B,)
+        advantage, base = scst_advantages(reward.view(B, K), greedy_reward)  # (B*K,) each
         mask = (tokens != v.pad_id).float()  # (B*K, T): words and <eos>
         loss = -(advantage.unsqueeze(1) * logp * mask).sum() / mask.sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -200,7 +206,14 @@ class Captioner(L.LightningModule):
         return loss
 
     def _reward(self, tokens: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """CIDEr-D of each caption. With `eos_reward` a caption that ended by choosing <eos>
+        (not cut at max_len) carries it as a last word, and so do the references: n-grams such
+        as "the grass <eos>" reward proper endings and punish captions that stop mid-phrase
+        ("a dog runs on the <eos>"), as in Rennie et al.'s and Luo's implementations."""
+        max_len = int(self.decoding["max_len"])
         words = [self.vocab.decode(t).split() for t in tokens.tolist()]
+        if self.scst["eos_reward"]:
+            words = [w + [EOS_WORD] if len(w) < max_len else w for w in words]
         return torch.as_tensor(self._cider(words, ids), dtype=torch.float32, device=tokens.device)
 
     def on_train_epoch_end(self) -> None:
@@ -309,6 +322,32 @@ class Captioner(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def scst_advantages(
+    reward: torch.Tensor, greedy_reward: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages of K samples per image, reward (B, K) -> (B*K,), and the baseline used.
+
+    With the greedy caption's reward (B,): self-critical (Rennie et al. 2017). Without: the mean
+    reward of the *other* K-1 samples of the same image (Luo 2020), so each image's advantages
+    sum to zero and no extra decoding pass is needed.
+    """
+    B, K = reward.shape
+    if greedy_reward is not None:
+        base = greedy_reward.unsqueeze(1).expand(B, K)  # (B, K)
+    else:
+        base = (reward.sum(1, keepdim=True) - reward) / max(K - 1, 1)  # (B, K) leave-one-out
+    return (reward - base).reshape(-1), base.reshape(-1)
+
+
+def scst_reward(refs: dict[int, list[list[str]]], eos: bool):
+    """The in-process CIDEr-D reward over the training references (with <eos> as a word)."""
+    from imcap.metrics import CiderD
+
+    if eos:
+        refs = {k: [[*r, EOS_WORD] for r in caps] for k, caps in refs.items()}
+    return CiderD(refs)
+
+
 def gather_predictions(strategy: Any, local: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """All ranks' (image_id, caption) pairs, duplicates included (the caller keys by image id)."""
     world = getattr(strategy, "world_size", 1)
@@ -321,6 +360,25 @@ def gather_predictions(strategy: Any, local: Sequence[tuple[str, str]]) -> list[
     return merged
 
 
+def read_checkpoint(p: Path) -> dict:
+    """A checkpoint as data: `weights_only=True` unpickles tensors and plain containers only,
+    so a file carrying code (a pickled callable) is refused instead of run."""
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"refusing to load {p}: it holds objects other than tensors and plain values, which "
+            f"could run code when unpickled ({first[:160]}). imcap checkpoints never do; "
+            "use a checkpoint written by imcap's train.py"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated, empty or not a checkpoint at all
+        raise UserError(f"cannot read checkpoint {p}: {str(e)[:200]}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{p} is not an imcap checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
 def load_captioner(
     path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
 ) -> Captioner:
@@ -328,10 +386,7 @@ def load_captioner(
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py>")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read checkpoint {p}: {e}") from None
+    ckpt = read_checkpoint(p)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "vocab" not in hp:
         raise UserError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from imcap.datamodule import CaptionDataModule
 from imcap.errors import UserError
 from imcap.images import ImageFiles, collate_images, list_images, make_transform
-from imcap.module import Captioner, load_captioner
+from imcap.module import Captioner, load_captioner, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,19 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("compile"):
         model.decoder.compile()  # in place: state-dict keys unchanged
     callbacks = make_callbacks(cfg)
+    extra: dict[str, Any] = {}
+    if not sys.stderr.isatty():  # a log file, not a terminal: progress lines, not bar redraws
+        from imcap.callbacks import ProgressLog
+
+        if "enable_progress_bar" not in cfg.trainer:
+            extra["enable_progress_bar"] = False
+        callbacks.append(ProgressLog())
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg) or False
+        cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg) or False, **extra
     )
     for lg in trainer.loggers:
         lg.log_hyperparams(plain(cfg))
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if trainer.interrupted:
         raise UserError("training was interrupted")
 
@@ -161,14 +169,14 @@ def train(cfg: DictConfig) -> float | None:
             "directory": str(dm.cache.directory),
             **{k: dm.cache.manifest.get(k) for k in keys},
         }
-    trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False)
+    trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     results["val"] = model.scores.get("val", {})
     if trainer.is_global_zero:
         write_captions(out / "captions_val.json", model.predictions.get("val", {}), dm, "val")
     if cfg.get("test"):
         if dm.has_split("test"):
             dm.split = "test"
-            trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
+            trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
             results["test"] = model.scores.get("test", {})
             if trainer.is_global_zero:
                 write_captions(
@@ -197,7 +205,7 @@ def check_resume_vocab(ckpt_path: str, vocab) -> None:
         raise UserError(
             f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> to resume"
         )
-    hp = torch.load(p, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    hp = read_checkpoint(p).get("hyper_parameters") or {}
     tokens = (hp.get("vocab") or {}).get("tokens")
     if tokens != vocab.tokens:
         n = len(tokens) if tokens else 0
