@@ -86,6 +86,11 @@ def main() -> None:
         ce = stage("ce", ["experiment=best_flickr8k", *common], out)
         ce_ckpt = ce["best_checkpoint"]
         rows.append(scored(ce, args.beam, alphas))
+    else:  # stage 1 ran elsewhere: score its checkpoint the same way
+        cfg = compose_train(["experiment=best_flickr8k", *common])
+        ce = {"name": "ce", "best_checkpoint": ce_ckpt, "wall_seconds": 0.0, "cfg": cfg}
+        ce["val_greedy"] = beam_scores(ce_ckpt, cfg, 1)
+        rows.append(scored(ce, args.beam, alphas))
     scst = stage("scst", ["experiment=best_scst_flickr8k", f"init_from={ce_ckpt}", *common], out)
     rows.append(scored(scst, args.beam, alphas))
     result = {

@@ -58,3 +58,18 @@ def test_truncated_checkpoint_is_one_clear_error(trained: dict, tmp_path: Path):
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(UserError, match="cannot read checkpoint .*cut.ckpt"):
         load_captioner(path)
+
+
+def test_a_diverging_run_fails_and_saves_no_checkpoint(shared: Path, tmp_path: Path) -> None:
+    from conftest import compose_train, tiny_overrides
+
+    from imcap.run import train
+
+    out = tmp_path / "nan"
+    cfg = compose_train(
+        tiny_overrides(shared, "model.optim.lr=1e20", f"paths.output_dir={out}", "test=false")
+    )
+    with pytest.raises(UserError, match="training diverged: the loss is nan"):
+        train(cfg)
+    assert not list(out.glob("checkpoints/*.ckpt"))
+    assert not (out / "metrics.json").exists()  # nothing reported as a result

@@ -239,3 +239,19 @@ def test_resuming_with_another_vocabulary_is_a_clear_error(trained: dict, tmp_pa
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
     assert "another vocabulary" in line and "init_from=" in line
+
+
+def test_per_epoch_samples_show_that_epochs_captions(trained: dict) -> None:
+    """samples/val_epoch_XXX.json must hold epoch XXX's captions (callbacks once ran before the
+    module scored the epoch, so every file showed the previous epoch's and the last was lost)."""
+    out = trained["out"]
+    epochs = len(trained["metrics"]["epoch_seconds"])
+    names = sorted(p.name for p in (out / "samples").glob("val_epoch_*.json"))
+    assert names == [f"val_epoch_{e:03d}.json" for e in range(epochs)]
+    best = int(Path(trained["ckpt"]).stem.split("_")[-1])  # epoch_XXX.ckpt
+    samples = json.loads((out / "samples" / f"val_epoch_{best:03d}.json").read_text())
+    final = {
+        r["image_id"]: r["caption"] for r in json.loads((out / "captions_val.json").read_text())
+    }
+    # the best epoch's samples are the captions the re-validated best checkpoint writes
+    assert samples and all(final[s["image_id"]] == s["caption"] for s in samples)

@@ -27,7 +27,9 @@ class SampleCaptions(L.Callback):
         self.num_samples, self.dirpath = num_samples, dirpath
         self.latest: Path | None = None
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
+    # module's, which is where this epoch's captions are scored, so they would show the last one.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         preds = getattr(pl_module, "predictions", {}).get("val")
         if trainer.sanity_checking or not preds or not trainer.is_global_zero:
             return
@@ -165,7 +167,9 @@ class Curves(L.Callback):
             self._loss_sum += float(loss.detach())
             self._loss_n += 1
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
+    # module's, which is where this epoch's captions are scored, so they would show the last one.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
             return
         row: dict[str, float] = {"epoch": trainer.current_epoch}
@@ -191,7 +195,9 @@ class AttentionMaps(L.Callback):
     def __init__(self, num_images: int = 4, dirpath: str | None = None) -> None:
         self.num_images, self.dirpath = num_images, dirpath
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
+    # module's, which is where this epoch's captions are scored, so they would show the last one.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.dirpath:
             return
         if not getattr(pl_module.decoder, "uses_grid", False):

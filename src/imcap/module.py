@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from imcap.attributes import AttributeDetector, attribute_targets, attribute_words
 from imcap.decoder import CaptionDecoder
 from imcap.decoding import Decoded, beam_search, greedy, sample
 from imcap.encoder import Encoder, Features
@@ -34,7 +35,13 @@ DEFAULT_OPTIM = {
     "scheduler": "cosine",
     "warmup_steps": 0,
 }
-DEFAULT_LOSS = {"label_smoothing": 0.0, "attention_reg": 1.0, "ss_prob": 0.0, "ss_ramp_epochs": 0}
+DEFAULT_LOSS = {
+    "label_smoothing": 0.0,
+    "attention_reg": 1.0,
+    "ss_prob": 0.0,
+    "ss_ramp_epochs": 0,
+    "attributes": 1.0,
+}
 DEFAULT_DECODING = {"beam_size": 1, "max_len": 20, "length_penalty": 0.0}
 DEFAULT_SCST = {
     "enabled": False,
@@ -80,6 +87,11 @@ class Captioner(L.LightningModule):
         self.vocab = Vocab.from_dict(vocab)
         self.encoder = Encoder(**encoder)
         self.decoder = build_decoder(decoder, len(self.vocab), self.encoder)
+        n_attrs = int(decoder.get("attributes") or 0)
+        self.attributes = (
+            AttributeDetector(self.encoder.feature_dim, n_attrs) if n_attrs > 0 else None
+        )
+        self._attr_targets: torch.Tensor | None = None  # (rows, K), built at fit start
         self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
         self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
         self.decoding = {**DEFAULT_DECODING, **(decoding or {})}
@@ -103,13 +115,22 @@ class Captioner(L.LightningModule):
     def features(self, batch: dict[str, Any]) -> Features:
         """Cached features when the batch has them (two-step), else run the encoder (joint)."""
         if "pooled" in batch:
-            return Features(batch["pooled"], batch.get("grid"))
-        return self.encoder(batch["images"], grid=self.decoder.uses_grid)
+            return self.with_attributes(Features(batch["pooled"], batch.get("grid")))
+        return self.with_attributes(self.encoder(batch["images"], grid=self.decoder.uses_grid))
+
+    def with_attributes(self, feats: Features) -> Features:
+        """Attach the attribute detector's word probabilities (decoder.attributes > 0)."""
+        if self.attributes is None or feats.attrs is not None:
+            return feats
+        self._attr_logits = self.attributes(feats.pooled)  # (B, K), kept for the loss
+        feats.attrs = torch.sigmoid(self._attr_logits.float()).detach()  # (B, K)
+        return feats
 
     def generate(
         self, feats: Features, beam_size: int | None = None, return_attn: bool = False
     ) -> Decoded:
         """Free-running decoding with the configured (or given) beam size."""
+        feats = self.with_attributes(feats)
         k = int(beam_size or self.decoding["beam_size"])
         v, max_len = self.vocab, int(self.decoding["max_len"])
         if k <= 1:
@@ -165,14 +186,45 @@ class Captioner(L.LightningModule):
             return self.scst_step(batch)
         feats = self.features(batch)
         losses = self.caption_loss(feats, batch["tokens"], self.ss_prob())
+        if self.attributes is not None and float(self.loss_cfg["attributes"]) > 0:
+            targets = self._attr_targets.to(feats.pooled.device)[batch["rows"]]  # (B, K)
+            bce = F.binary_cross_entropy_with_logits(self._attr_logits.float(), targets)
+            losses["attributes"] = bce
+            losses["loss"] = losses["loss"] + float(self.loss_cfg["attributes"]) * bce
+        self._check_finite(losses["loss"])
         B = batch["tokens"].size(0)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=B)
-        if "attention_reg" in losses:
-            self.log("train/attention_reg", losses["attention_reg"], batch_size=B)
+        for extra in ("attention_reg", "attributes"):
+            if extra in losses:
+                self.log(f"train/{extra}", losses[extra], batch_size=B)
         return losses["loss"]
+
+    def setup_attributes(self, refs: dict[int, list[list[str]]]) -> None:
+        """Choose the attribute words (first fit only: a checkpoint keeps its own) and build
+        each training image's targets: the words its captions use."""
+        det, index = self.attributes, self.vocab.index
+        if not det.ready:
+            ids = attribute_words(refs, index, det.word_ids.numel())
+            det.word_ids.copy_(torch.tensor(ids))
+        n_rows = max(refs) + 1 if refs else 0
+        self._attr_targets = attribute_targets(refs, det.word_ids.tolist(), index, n_rows)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """A diverged run is a failure, not a result: stop at the first non-finite loss, before
+        the optimizer writes NaN into the weights (and before any checkpoint could hold them)."""
+        if not bool(torch.isfinite(loss)):
+            step = self.trainer.global_step if self._trainer is not None else 0
+            raise UserError(
+                f"training diverged: the loss is {float(loss)} at epoch {self.current_epoch}, "
+                f"step {step}. Checkpoints saved before this point are kept and no new one is "
+                "written. Lower model.optim.lr, keep trainer.gradient_clip_val on, or try "
+                "trainer.precision=32-true"
+            )
 
     # -- self-critical sequence training (Rennie et al. 2017) ----------------------------------
     def on_fit_start(self) -> None:
+        if self.attributes is not None:
+            self.setup_attributes(self.trainer.datamodule.train_references_tokens())
         if self.scst["enabled"] and self._cider is None:
             self._cider = scst_reward(
                 self.trainer.datamodule.train_references_tokens(), self.scst["eos_reward"]
@@ -200,6 +252,7 @@ class Captioner(L.LightningModule):
         advantage, base = scst_advantages(reward.view(B, K), greedy_reward)  # (B*K,) each
         mask = (tokens != v.pad_id).float()  # (B*K, T): words and <eos>
         loss = -(advantage.unsqueeze(1) * logp * mask).sum() / mask.sum()
+        self._check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/reward", reward.mean(), prog_bar=True, batch_size=B)
         self.log("train/baseline", base.mean(), batch_size=B)
@@ -296,9 +349,10 @@ class Captioner(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim_cfg
-        groups = [
-            {"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": o["lr"]}
-        ]
+        heads = [*self.decoder.parameters()]
+        if self.attributes is not None:
+            heads += [*self.attributes.parameters()]
+        groups = [{"params": [p for p in heads if p.requires_grad], "lr": o["lr"]}]
         enc = [p for p in self.encoder.parameters() if p.requires_grad]
         if enc:
             groups.append({"params": enc, "lr": o["encoder_lr"]})
