@@ -248,7 +248,9 @@ def bench_extraction(args, device: torch.device, tmp: Path) -> dict:
 @torch.no_grad()
 def bench_beam(model: Captioner, device: torch.device, args) -> dict:
     v = model.vocab
-    feats = Features(torch.randn(args.decode_batch, model.encoder.feature_dim, device=device))
+    B, C = args.decode_batch, model.encoder.feature_dim
+    grid = torch.randn(B, args.regions, C, device=device) if model.decoder.uses_grid else None
+    feats = Features(torch.randn(B, C, device=device), grid)
     beam_search(model.decoder, feats, v.bos_id, v.eos_id, 20, 3)
     sync(device)
     start = time.perf_counter()
@@ -334,6 +336,7 @@ def main() -> None:
     try:
         training = bench_training(args, device, tmp)
         model = training.pop("model")
+        print("training:", json.dumps(training), flush=True)
         result = {
             "bench": "speed",
             "smoke": args.smoke,

@@ -449,6 +449,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Two-step: gather features (and caption ids) on the training device."""
+        if "images" in batch:  # joint mode: images are already the batch
+            return batch
         if "pairs" in batch:
             idx, device = batch["pairs"], batch["pairs"].device
             rows = self._on("train_rows", device)[idx]  # (B,)

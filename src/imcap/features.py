@@ -198,10 +198,10 @@ def _extract(
     encoder.eval().to(device)
     files = ImageFiles(paths, make_transform(encoder.data_config), bad_images)
     if device.type == "cpu":
-        # The CPU both decodes and runs the CNN: a decode worker beside the math threads of
-        # every core oversubscribes the machine (4x slower seen on 2 cores). One worker per 4
-        # cores is plenty for JPEG decoding; the math threads take the rest.
-        num_workers = min(num_workers, (os.cpu_count() or 1) // 4)
+        # The CPU both decodes and runs the CNN: JPEG decoding needs far less than the CNN, so
+        # one decode worker per 4 cores (at least one, so decoding overlaps the forward pass)
+        # beside the math threads; more would only oversubscribe the cores.
+        num_workers = min(num_workers, max(1, (os.cpu_count() or 1) // 4))
     loader = DataLoader(
         files,
         batch_size=batch_size,
