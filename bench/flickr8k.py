@@ -71,6 +71,7 @@ def run(
         "name": name,
         "overrides": overrides,
         "wall_seconds": round(wall, 1),
+        "best_checkpoint": metrics["best_checkpoint"],
         "features": metrics.get("features"),
         "epoch_seconds": metrics.get("epoch_seconds"),
         "val_greedy": metrics["val"],

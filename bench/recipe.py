@@ -23,37 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("IMCAP_ROOT", str(ROOT))
 
 import torch  # noqa: E402
-from flickr8k import KEYS, beam_scores, compose_train  # noqa: E402
-
-from imcap.run import train  # noqa: E402
-
-
-def stage(name: str, overrides: list[str], out: Path) -> dict:
-    started = time.perf_counter()
-    cfg = compose_train([*overrides, f"paths.output_dir={out / name}"])
-    train(cfg)
-    metrics = json.loads((out / name / "metrics.json").read_text())
-    return {
-        "name": name,
-        "overrides": overrides,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "best_checkpoint": metrics["best_checkpoint"],
-        "features": metrics.get("features"),
-        "epoch_seconds": metrics.get("epoch_seconds"),
-        "val_greedy": metrics["val"],
-        "cfg": cfg,
-    }
-
-
-def scored(row: dict, beam: int, alphas: tuple[float, ...]) -> dict:
-    t = time.perf_counter()
-    cfg = row.pop("cfg")
-    row["val_beam"] = beam_scores(row["best_checkpoint"], cfg, beam)
-    row["beam_seconds"] = round(time.perf_counter() - t, 1)
-    row["val_beam_by_length_penalty"] = {
-        str(a): beam_scores(row["best_checkpoint"], cfg, beam, a) for a in alphas
-    }
-    return row
+from flickr8k import KEYS, beam_scores, compose_train, run  # noqa: E402
 
 
 def main() -> None:
@@ -82,17 +52,25 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     ce_ckpt = args.ce_ckpt
-    if ce_ckpt is None:
-        ce = stage("ce", ["experiment=best_flickr8k", *common], out)
-        ce_ckpt = ce["best_checkpoint"]
-        rows.append(scored(ce, args.beam, alphas))
+    if ce_ckpt is None:  # bench/flickr8k.py's run: train, then greedy/beam/length-penalty scores
+        rows.append(run("ce", ["experiment=best_flickr8k", *common], out, args.beam, alphas))
+        ce_ckpt = rows[-1]["best_checkpoint"]
     else:  # stage 1 ran elsewhere: score its checkpoint the same way
         cfg = compose_train(["experiment=best_flickr8k", *common])
-        ce = {"name": "ce", "best_checkpoint": ce_ckpt, "wall_seconds": 0.0, "cfg": cfg}
-        ce["val_greedy"] = beam_scores(ce_ckpt, cfg, 1)
-        rows.append(scored(ce, args.beam, alphas))
-    scst = stage("scst", ["experiment=best_scst_flickr8k", f"init_from={ce_ckpt}", *common], out)
-    rows.append(scored(scst, args.beam, alphas))
+        rows.append(
+            {
+                "name": "ce",
+                "best_checkpoint": ce_ckpt,
+                "wall_seconds": 0.0,
+                "val_greedy": beam_scores(ce_ckpt, cfg, 1),
+                "val_beam": beam_scores(ce_ckpt, cfg, args.beam),
+                "val_beam_by_length_penalty": {
+                    str(a): beam_scores(ce_ckpt, cfg, args.beam, a) for a in alphas
+                },
+            }
+        )
+    scst = ["experiment=best_scst_flickr8k", f"init_from={ce_ckpt}", *common]
+    rows.append(run("scst", scst, out, args.beam, alphas))
     result = {
         "recipe": "best_flickr8k + best_scst_flickr8k",
         "machine": {
@@ -118,7 +96,7 @@ def print_table(result: dict) -> None:
     print(f"\nFlickr8k val (x100), {result['machine']['cpus']} CPUs / {result['machine']['cuda']}")
     print(f"{'stage':6s} {'decode':12s} " + " ".join(f"{k:>7s}" for k in KEYS) + "   wall s")
     for r in result["stages"]:
-        lines = [("greedy", r["val_greedy"]), (f"beam{3}", r["val_beam"])]
+        lines = [("greedy", r["val_greedy"]), ("beam", r["val_beam"])]
         lines += [(f"beam lp{a}", s) for a, s in r["val_beam_by_length_penalty"].items()]
         for label, s in lines:
             vals = " ".join(f"{100 * s[k]:7.2f}" if k in s else f"{'-':>7s}" for k in KEYS)

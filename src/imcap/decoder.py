@@ -414,8 +414,7 @@ class TopDownDecoder(CaptionDecoder):
         if ss_prob > 0:
             return super().forward(feats, tokens, ss_prob, keep)
         B, T = tokens.shape
-        every = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        keep_ = every if keep is None else keep
+        keep_ = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep
         lengths = keep_.sum(1)  # (B,) positions with a target, a prefix of each row
         order = torch.argsort(lengths, descending=True, stable=True)  # (B,)
         lengths_sorted = lengths[order]
@@ -447,24 +446,17 @@ class TopDownDecoder(CaptionDecoder):
             )
             outs.append(h_lang)  # (n, H)
             alphas.append(alpha)  # (n, R)
-        out_tm = torch.cat(outs)  # (N, H) time-major over sorted rows
-        # map time-major (t, sorted row s) to the caller's row-major order of `keep`
-        t_idx = torch.cat(
-            [torch.full((n,), t, device=tokens.device) for t, n in enumerate(n_active[: len(outs)])]
-        )
-        s_idx = torch.cat([torch.arange(n, device=tokens.device) for n in n_active[: len(outs)]])
-        flat = order[s_idx] * T + t_idx  # (N,) caller's flat (b, t) index
-        rank = torch.full((B * T,), -1, dtype=torch.long, device=tokens.device)
-        rank[keep_.reshape(-1).nonzero().squeeze(1)] = torch.arange(len(flat), device=tokens.device)
-        pos = rank[flat]  # (N,) row of each output in keep order
-        out = out_tm.new_empty(out_tm.shape).index_copy(0, pos, out_tm)  # (N, H)
-        logits = self.head(self.drop(out))  # (N, V)
-        R = alphas[0].size(-1)
-        alpha_flat = torch.cat(alphas).new_zeros(len(flat), R).index_copy(0, pos, torch.cat(alphas))
-        alpha_bt = alpha_flat.new_zeros(B * T, R).index_copy(
-            0, keep_.reshape(-1).nonzero().squeeze(1), alpha_flat
-        )
-        alpha_bt = alpha_bt.view(B, T, R)  # zeros where there is no target
+        # outputs are time-major over the sorted rows: (t, s) for s < n_t, which is the order
+        # in which nonzero() lists the sorted mask's transpose; map back to the caller's (b, t)
+        t_idx, s_idx = keep_[order].t().nonzero().unbind(1)  # (N,) each
+        flat = order[s_idx] * T + t_idx  # (N,) caller's flat (b, t) position
+
+        def by_position(x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B*T, D), zero elsewhere
+            return x.new_zeros(B * T, x.size(-1)).index_copy(0, flat, x)
+
+        out = by_position(torch.cat(outs))  # (B*T, H)
+        alpha_bt = by_position(torch.cat(alphas)).view(B, T, -1)  # (B, T, R), zero off-target
         if keep is None:
-            logits = logits.view(B, T, -1)  # every position kept: (B, T, V)
+            return DecoderOutput(self.head(self.drop(out)).view(B, T, -1), alpha_bt)  # (B, T, V)
+        logits = self.head(self.drop(out[keep.reshape(-1)]))  # (N, V) in keep order
         return DecoderOutput(logits, alpha_bt)

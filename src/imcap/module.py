@@ -92,6 +92,7 @@ class Captioner(L.LightningModule):
             AttributeDetector(self.encoder.feature_dim, n_attrs) if n_attrs > 0 else None
         )
         self._attr_targets: torch.Tensor | None = None  # (rows, K), built at fit start
+        self._attr_logits: torch.Tensor | None = None  # (B, K) of the last batch, for the loss
         self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
         self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
         self.decoding = {**DEFAULT_DECODING, **(decoding or {})}
