@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -29,9 +30,9 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from imcap.datamodule import CaptionDataModule  # noqa: E402
-from imcap.module import load_captioner  # noqa: E402
-from imcap.run import plain, train  # noqa: E402
+from imcap.model.module import load_captioner  # noqa: E402
+from imcap.pipeline.datamodule import CaptionDataModule  # noqa: E402
+from imcap.pipeline.run import plain, train  # noqa: E402
 
 KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -50,9 +51,7 @@ def beam_scores(ckpt: str, cfg, beam: int, length_penalty: float | None = None) 
     if length_penalty is not None:
         model.decoding["length_penalty"] = length_penalty
     model.metrics_cfg = plain(cfg.metrics)
-    dm = CaptionDataModule(**{**plain(cfg.data), "split": "val"})
-    dm.build_vocab(model.vocab)
-    dm.attach(model.encoder, "two_step", grid=model.decoder.uses_grid)
+    dm = CaptionDataModule.for_model(plain(cfg.data), model, "two_step", split="val")
     L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
         model, datamodule=dm, verbose=False
     )
@@ -92,6 +91,7 @@ def run(
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -158,10 +158,8 @@ def main() -> None:
         "test=false",
     ]
     cfg = compose_train([*joint_cfg, f"paths.output_dir={runs_dir / 'joint'}"])
-    dm = CaptionDataModule(**plain(cfg.data))
-    n_batches = -(
-        -len(dm.load_records()["train"]) * (cfg.data.captions_per_image or 5) // cfg.data.batch_size
-    )
+    n_train = len(CaptionDataModule.records_of(plain(cfg.data))["train"])
+    n_batches = -(-n_train * (cfg.data.captions_per_image or 5) // cfg.data.batch_size)
     train(cfg)
     timed = json.loads((runs_dir / "joint" / "metrics.json").read_text())["epoch_seconds"][0]
     n_timed = min(args.joint_batches, n_batches)

@@ -36,7 +36,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from imcap.datasets import load_records
+    from imcap.data.datasets import load_records
 
     records = load_records(name="flickr8k", root=src)
     total = 0
@@ -59,7 +59,7 @@ def main() -> None:
 
     import torch
 
-    from imcap.encoder import Encoder
+    from imcap.model.encoder import Encoder
 
     enc = Encoder("tf_efficientnet_lite0", pretrained="pypi")
     enc.load_pretrained()

@@ -3,7 +3,7 @@
     python bench/rescore.py DIR [DIR ...]   -> a table, and DIR/rescored.json
 
 Every `captions_*.json` below DIR (rows of image_id, caption, references, as eval.py and
-train.py write them) is scored by imcap.metrics.CaptionScorer with Java's PTB tokenizer and
+train.py write them) is scored by imcap.eval.metrics.CaptionScorer with Java's PTB tokenizer and
 METEOR: exactly the numbers train.py/eval.py report on a machine with Java.
 """
 
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from imcap.metrics import CaptionScorer
+from imcap.eval.metrics import CaptionScorer
 
 KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 

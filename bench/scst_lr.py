@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -20,10 +21,11 @@ os.environ.setdefault("IMCAP_ROOT", str(ROOT))
 
 from flickr8k import compose_train  # noqa: E402
 
-from imcap.run import train  # noqa: E402
+from imcap.pipeline.run import train  # noqa: E402
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -44,7 +46,7 @@ def main() -> None:
                 f"experiment={args.experiment}",
                 f"init_from={args.ckpt}",
                 f"data.root={args.data_root}",
-                f"model.optim.lr={lr}",
+                f"model.optimizer.lr={lr}",
                 "trainer.max_epochs=1",
                 f"+trainer.limit_train_batches={args.steps}",
                 "+trainer.enable_progress_bar=false",

@@ -32,13 +32,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from imcap.datamodule import CaptionDataModule  # noqa: E402
-from imcap.decoding import beam_search  # noqa: E402
-from imcap.encoder import Encoder, Features  # noqa: E402
+from imcap.data.records import ImageRecord  # noqa: E402
+from imcap.data.text import Vocab, tokenize  # noqa: E402
 from imcap.errors import UserError  # noqa: E402
-from imcap.features import CachedFeatures  # noqa: E402
-from imcap.module import Captioner  # noqa: E402
-from imcap.records import ImageRecord  # noqa: E402
+from imcap.model.decoding import beam_search  # noqa: E402
+from imcap.model.encoder import Encoder, Features  # noqa: E402
+from imcap.model.module import Captioner  # noqa: E402
+from imcap.pipeline.datamodule import CaptionDataModule  # noqa: E402
+from imcap.pipeline.features import CachedFeatures  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -67,10 +68,9 @@ def fake_records(n_images: int, vocab_words: int, rng: random.Random) -> list[Im
 class CachedBench(CaptionDataModule):
     """The real two-step datamodule, its feature cache filled with random numbers."""
 
-    def __init__(
-        self, records: list[ImageRecord], feature_dim: int, tmp: Path, regions: int = 0, **kw
+    def fill(
+        self, records: list[ImageRecord], feature_dim: int, tmp: Path, regions: int = 0
     ) -> None:
-        super().__init__("bench", str(tmp), **kw)
         self.records = {
             "train": [r for r in records if r.split == "train"],
             "val": [r for r in records if r.split == "val"],
@@ -95,29 +95,21 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     rng = random.Random(0)
     recs = fake_records(args.images, args.vocab, rng)
     topdown = args.decoder == "topdown"
-    dm = CachedBench(
-        recs,
-        1280,
-        tmp,
-        regions=args.regions if topdown else 0,
-        batch_size=args.batch_size,
-        num_workers=0,
-        vocab={"min_count": 1, "max_len": 20},
-    )
-    vocab = dm.build_vocab()
+    captions = (tokenize(c) for r in recs if r.split == "train" for c in r.captions)
+    vocab = Vocab.build(captions, min_count=1, max_len=20)
     dec_cfg = {
-        "_target_": "imcap.decoder.ShowTellDecoder",
+        "_target_": "imcap.model.decoder.ShowTellDecoder",
         "rnn": args.rnn,
         "embed_dim": args.hidden,
         "hidden_dim": args.hidden,
         "dropout": 0.5,
     }
     if topdown:  # conf/decoder/topdown.yaml
-        dec_cfg.update(_target_="imcap.decoder.TopDownDecoder", attention_dim=args.hidden)
-    model = Captioner(
-        vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, optim={"scheduler": "none"}
-    )
-    dm.attach(model.encoder, "two_step", grid=topdown)
+        dec_cfg.update(_target_="imcap.model.decoder.TopDownDecoder", attention_dim=args.hidden)
+    model = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, scheduler=None)
+    data = {"name": "bench", "root": str(tmp), "batch_size": args.batch_size, "num_workers": 0}
+    dm = CachedBench.for_model(data, model, "two_step")
+    dm.fill(recs, 1280, tmp, regions=args.regions if topdown else 0)
     dm.setup("fit")
     B, steps, warm = args.batch_size, args.steps, args.warmup
 
@@ -126,8 +118,8 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     if args.compile:
         dec.compile()
     opt = torch.optim.AdamW(dec.parameters(), lr=4e-4, foreach=True)  # as Captioner
-    bank = dm._bank["pooled"].to(device)
-    grid_bank = dm._bank["grid"].to(device) if topdown else None
+    bank = dm.bank["pooled"].to(device)
+    grid_bank = dm.bank["grid"].to(device) if topdown else None
     tokens, rows, lengths = dm.train_tokens.to(device), dm.train_rows.to(device), dm.train_lengths
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     perm = torch.randperm(len(rows))
@@ -209,8 +201,8 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
 
 def bench_extraction(args, device: torch.device, tmp: Path) -> dict:
     """Encoder images/s from JPEG files on disk (decode + transform + forward), cold cache."""
-    from imcap.features import ensure_features
-    from imcap.synthetic import make_example, render
+    from imcap.data.synthetic import make_example, render
+    from imcap.pipeline.features import ensure_features
 
     img_dir = tmp / "jpegs"
     img_dir.mkdir()
@@ -262,7 +254,7 @@ def bench_beam(model: Captioner, device: torch.device, args) -> dict:
 
 
 def bench_metrics(args) -> dict:
-    from imcap.metrics import CaptionScorer
+    from imcap.eval.metrics import CaptionScorer
 
     rng = random.Random(1)
     recs = fake_records(args.metric_images, 3000, rng)

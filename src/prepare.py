@@ -16,10 +16,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from imcap.datasets import available_splits, detect_coco_year, load_records
-from imcap.download import prepare_archives, select_archives
+from imcap.data.datasets import available_splits, detect_coco_year, load_records
+from imcap.data.download import prepare_archives, select_archives
+from imcap.data.records import SPLITS, ImageRecord
 from imcap.errors import cli_errors
-from imcap.records import SPLITS, ImageRecord
 
 log = logging.getLogger("prepare")
 # conf/paths/default.yaml finds the project root (and so data/) through IMCAP_ROOT

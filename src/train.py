@@ -3,8 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
+from imcap.config import preflight, set_project_root
 from imcap.errors import cli_errors
-from imcap.run import set_project_root, train
+from imcap.pipeline.run import train
 
 set_project_root()
 
@@ -16,4 +17,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    preflight("train")  # a misspelt key: one line naming it and the valid ones
     main()

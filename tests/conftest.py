@@ -56,7 +56,7 @@ def tiny_overrides(tmp: Path, *extra: str) -> list[str]:
         "decoder.embed_dim=128",
         "decoder.hidden_dim=256",
         "decoder.dropout=0.2",
-        "model.optim.lr=3e-3",
+        "model.optimizer.lr=3e-3",
         "trainer.max_epochs=4",
         "+trainer.enable_progress_bar=false",
         "+trainer.enable_model_summary=false",
@@ -82,7 +82,7 @@ def run_dir(shared: Path, name: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained(shared: Path) -> dict:
-    from imcap.run import train
+    from imcap.pipeline.run import train
 
     overrides = tiny_overrides(shared, *LEARN, *run_dir(shared, "trained"))
     train(compose_train(overrides))

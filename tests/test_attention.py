@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from imcap.decoder import AttentionDecoder
-from imcap.decoding import beam_search, greedy
-from imcap.encoder import Encoder, Features
-from imcap.module import Captioner
-from imcap.text import Vocab
+from imcap.data.text import Vocab
+from imcap.model.decoder import AttentionDecoder
+from imcap.model.decoding import beam_search, greedy
+from imcap.model.encoder import Encoder, Features
+from imcap.model.module import Captioner
 
 WORDS = ["a", "red", "blue", "circle", "square", "left", "of"]
 
@@ -48,7 +48,7 @@ def test_attention_weights_sum_to_one_over_each_encoders_regions(
 def tiny_captioner(attention_reg: float) -> Captioner:
     vocab = Vocab(list(Vocab.SPECIALS) + WORDS, max_len=6).to_dict()
     dec = {
-        "_target_": "imcap.decoder.AttentionDecoder",
+        "_target_": "imcap.model.decoder.AttentionDecoder",
         "embed_dim": 8,
         "hidden_dim": 16,
         "attention_dim": 8,
@@ -93,7 +93,7 @@ def test_decoding_returns_attention_per_word() -> None:
 
 
 def test_attention_figure_is_written_and_not_blank(tmp_path) -> None:
-    from imcap.viz import attention_figure
+    from imcap.eval.viz import attention_figure
 
     img = tmp_path / "img.png"
     arr = np.zeros((64, 64, 3), np.uint8)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from conftest import compose_train, run_dir, tiny_overrides
 
-from imcap.attributes import STOPWORDS, attribute_targets, attribute_words
-from imcap.module import load_captioner
-from imcap.run import train
+from imcap.model.attributes import STOPWORDS, attribute_targets, attribute_words
+from imcap.model.module import load_captioner
+from imcap.pipeline.run import train
 
 REFS = {
     0: [["a", "dog", "runs", "on", "grass"], ["the", "dog", "is", "running"]],

@@ -15,9 +15,15 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from imcap.datasets import LAYOUTS, available_splits, hash_splits, load_records
+from imcap.data.datasets import (
+    LAYOUTS,
+    _options,
+    available_splits,
+    hash_splits,
+    load_records,
+)
+from imcap.data.records import ImageRecord
 from imcap.errors import UserError
-from imcap.records import ImageRecord
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -480,13 +486,16 @@ def test_image_in_two_split_lists_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_data_yaml_documents_the_loader_keys(name: str) -> None:
-    """conf/data/<name>.yaml lists exactly the loader's keys, with its defaults, each commented."""
+    """conf/data/<name>.yaml is where the loader's keys and defaults live, each commented; the
+    loader takes exactly those keys and refuses others."""
     path = REPO / "conf" / "data" / f"{name}.yaml"
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     assert cfg["name"] == name and cfg["root"] == f"${{paths.data_dir}}/{name}"
     assert cfg["defaults"] == ["_base", "_self_"]
     source = cfg["source"]
-    assert source == LAYOUTS[name].defaults
+    assert _options(name, {}) == source  # the loader's defaults are the file's
+    with pytest.raises(UserError, match=r"unknown data\.source key\(s\) \['formt'\]"):
+        _options(name, {"formt": "auto"})
     lines = path.read_text().splitlines()
     for key in source:
         i = next(n for n, ln in enumerate(lines) if ln.startswith(f"  {key}:"))

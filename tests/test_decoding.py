@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imcap.decoder import ShowTellDecoder
-from imcap.decoding import beam_search, greedy, sample
-from imcap.encoder import Features
+from imcap.model.decoder import ShowTellDecoder
+from imcap.model.decoding import beam_search, greedy, sample
+from imcap.model.encoder import Features
 
 V, C, B = 30, 16, 4
 BOS, EOS = 1, 2
@@ -152,8 +152,8 @@ def test_scheduled_sampling_feeds_the_models_own_words() -> None:
 
 
 def test_scheduled_sampling_ramp() -> None:
-    from imcap.module import Captioner
-    from imcap.text import Vocab
+    from imcap.data.text import Vocab
+    from imcap.model.module import Captioner
 
     m = Captioner(
         Vocab(list(Vocab.SPECIALS) + ["a"]).to_dict(),

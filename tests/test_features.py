@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from imcap.datamodule import CaptionDataModule, CaptionsPerImage
-from imcap.encoder import Encoder
+from imcap.data.images import ImageFiles, make_transform
+from imcap.data.records import ImageRecord
+from imcap.data.text import Vocab, tokenize
 from imcap.errors import UserError
-from imcap.features import ensure_features
-from imcap.images import ImageFiles, make_transform
-from imcap.records import ImageRecord
+from imcap.model.batch import Batch
+from imcap.model.encoder import Encoder
+from imcap.pipeline.datamodule import CaptionDataModule, CaptionsPerImage
+from imcap.pipeline.features import ensure_features
 
 
 def make_images(folder: Path, n: int, size: int = 48) -> list[Path]:
@@ -126,21 +129,29 @@ def records(tmp_path: Path, n_train: int = 6, n_val: int = 3) -> list[ImageRecor
 
 
 def datamodule(tmp_path: Path, recs: list[ImageRecord], mode: str, **kw) -> CaptionDataModule:
-    dm = CaptionDataModule(
-        "toy",
-        str(tmp_path),
-        batch_size=4,
-        eval_batch_size=4,
-        num_workers=0,
-        cache_dir=str(tmp_path / "cache"),
-        **kw,
+    """The data module for a stand-in model (vocabulary, tiny encoder, a grid-reading decoder)."""
+    captions = (tokenize(c) for r in recs if r.split == "train" for c in r.captions)
+    model = SimpleNamespace(
+        vocab=Vocab.build(captions, min_count=1, max_len=20),
+        encoder=tiny_encoder(),
+        decoder=SimpleNamespace(uses_grid=True),
+        connect=lambda link: None,
     )
+    data = {
+        "name": "toy",
+        "root": str(tmp_path),
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "num_workers": 0,
+        "cache_dir": str(tmp_path / "cache"),
+        **kw,
+    }
+    dm = CaptionDataModule.for_model(data, model, mode)
     dm.records = {
         "train": [r for r in recs if r.split == "train"],
         "val": [r for r in recs if r.split == "val"],
         "test": [],
     }
-    dm.attach(tiny_encoder(), mode, grid=True)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -154,28 +165,28 @@ def test_two_step_and_joint_give_the_same_features(tmp_path: Path) -> None:
     batch = next(iter(joint.val_dataloader()))
     batch = joint.on_before_batch_transfer(batch, 0)
     with torch.no_grad():
-        f = enc(batch["images"], grid=True)
+        f = enc(batch.images, grid=True)
     cached = two.on_after_batch_transfer(
         two.on_before_batch_transfer(next(iter(two.val_dataloader())), 0), 0
     )
-    assert cached["image_ids"] == batch["image_ids"] == ["im6", "im7", "im8"]
-    torch.testing.assert_close(cached["pooled"], f.pooled, atol=2e-2, rtol=2e-3)  # float16 storage
-    torch.testing.assert_close(cached["grid"], f.grid, atol=2e-2, rtol=2e-3)
+    assert cached.image_ids == batch.image_ids == ["im6", "im7", "im8"]
+    torch.testing.assert_close(cached.pooled, f.pooled, atol=2e-2, rtol=2e-3)  # float16 storage
+    torch.testing.assert_close(cached.grid, f.grid, atol=2e-2, rtol=2e-3)
 
 
 def test_two_step_training_batches_are_gathered_from_the_cache(tmp_path: Path) -> None:
     dm = datamodule(tmp_path, records(tmp_path), "two_step")
     loader = dm.train_dataloader()
     raw = next(iter(loader))
-    assert (
-        isinstance(raw, torch.Tensor) and raw.dtype == torch.long
-    )  # the loader yields indices only
-    dm.trainer = None
-    batch = dm.on_after_batch_transfer({"pairs": raw, "T": int(dm.train_lengths[raw].max())}, 0)
-    assert batch["pooled"].shape == (len(raw), 512) and batch["grid"].shape == (len(raw), 4, 512)
-    assert (batch["tokens"][:, 0] == dm.vocab.bos_id).all()
-    rows = dm.train_rows[raw]
-    torch.testing.assert_close(batch["pooled"], dm._bank["pooled"][rows])
+    idx = raw["captions"]
+    assert idx.dtype == torch.long and list(raw) == ["captions"]  # the loader yields indices only
+    batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)
+    assert isinstance(batch, Batch) and len(batch) == len(idx)
+    assert batch.pooled.shape == (len(idx), 512) and batch.grid.shape == (len(idx), 4, 512)
+    assert (batch.tokens[:, 0] == dm.vocab.bos_id).all()
+    rows = dm.train_rows[idx]
+    assert torch.equal(batch.rows, rows) and batch.image_ids == [f"im{r}" for r in rows.tolist()]
+    torch.testing.assert_close(batch.pooled, dm.bank["pooled"][rows])
 
 
 def test_captions_per_image_sampler() -> None:
@@ -196,7 +207,7 @@ def test_joint_epoch_survives_a_corrupt_image(tmp_path: Path) -> None:
     total = 0
     for raw in dm.train_dataloader():
         batch = dm.on_before_batch_transfer(raw, 0)
-        total += batch["images"].shape[0]
+        total += batch.images.shape[0]
     assert total == 6 * 2 - 2  # the corrupt image's two captions were skipped
     assert dm.bad_counts["train"] == 2
 
@@ -230,10 +241,11 @@ def test_gpu_decode_path_decodes_jpeg_bytes_like_the_cpu_transform(tmp_path: Pat
     raw_batches = [raw_dm.on_before_batch_transfer(b, 0) for b in raw_dm.train_dataloader()]
     torch.manual_seed(0)
     pil_batches = [pil_dm.on_before_batch_transfer(b, 0) for b in pil_dm.train_dataloader()]
-    assert sum(len(b["tokens"]) for b in raw_batches) == 12 - 2  # the corrupt image's 2 captions
+    assert sum(len(b.tokens) for b in raw_batches) == 12 - 2  # the corrupt image's 2 captions
     assert raw_dm.bad_counts["train"] == 2
     for a, b in zip(raw_batches, pil_batches, strict=True):
-        assert a["images"].shape == b["images"].shape and a["images"].shape[1:] == (3, 64, 64)
-        assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["tokens"], b["tokens"])
+        assert a.images.shape == b.images.shape and a.images.shape[1:] == (3, 64, 64)
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.tokens, b.tokens)
+        assert a.image_ids == b.image_ids
         # bicubic on tensors vs PIL: close, not bit-equal (normalised units, range ~[-2, 2.6])
-        assert (a["images"] - b["images"]).abs().mean() < 0.05
+        assert (a.images - b.images).abs().mean() < 0.05

@@ -17,9 +17,10 @@ import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-import imcap.metrics as metrics
+import imcap.eval.metrics as metrics
 from imcap.errors import UserError
-from imcap.metrics import CaptionScorer, CiderD, check_java, ptb_tokenize
+from imcap.eval.cider import CiderD
+from imcap.eval.metrics import CaptionScorer, check_java, ptb_tokenize
 
 JAVA = shutil.which("java")
 needs_java = pytest.mark.skipif(

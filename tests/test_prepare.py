@@ -23,7 +23,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from imcap.download import fetch, unpack
+from imcap.data.download import fetch, unpack
 from imcap.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -443,7 +443,7 @@ def test_prepare_config_composes(name: str) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="prepare", overrides=[f"data={name}", "paths.data_dir=/d"])
     assert cfg.data.root == f"/d/{name}" and cfg.download_dir == "/d/downloads"
-    assert cfg.data.loader == "imcap.datasets.load_records"
+    assert cfg.data.loader == "imcap.data.datasets.load_records"
     assert cfg.archives is None and cfg.force is False
 
 

@@ -81,8 +81,8 @@ def test_optuna_sweep_three_trials(tmp_path: Path) -> None:
     result = yaml.safe_load((d / "optimization_results.yaml").read_text())
     # decoder.hidden_dim=32 on the command line fixes that axis of the search space
     assert result["n_trials"] == 3
-    assert set(result["best_params"]) == {"model.optim.lr", "decoder.rnn", "decoder.dropout"}
-    assert 1e-4 <= result["best_params"]["model.optim.lr"] <= 3e-3
+    assert set(result["best_params"]) == {"model.optimizer.lr", "decoder.rnn", "decoder.dropout"}
+    assert 1e-4 <= result["best_params"]["model.optimizer.lr"] <= 3e-3
     values = [json.loads((d / j / "metrics.json").read_text())["val"]["CIDEr"] for j in "012"]
     assert result["best_value"] == pytest.approx(max(values))  # train() returned val/CIDEr
 

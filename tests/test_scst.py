@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import LEARN, compose_train, run_dir, tiny_overrides
 
-from imcap.datamodule import CaptionDataModule
-from imcap.decoding import sample
-from imcap.encoder import Features
-from imcap.metrics import CiderD
-from imcap.module import Captioner, load_captioner, scst_advantages, scst_reward
-from imcap.run import plain, train
-from imcap.text import Vocab
+from imcap.data.text import Vocab
+from imcap.eval.cider import CiderD
+from imcap.model.batch import Batch
+from imcap.model.decoding import sample
+from imcap.model.encoder import Features
+from imcap.model.module import Captioner, load_captioner, scst_advantages, scst_reward
+from imcap.pipeline.datamodule import CaptionDataModule
+from imcap.pipeline.run import plain, train
 
 
 def train_set_reward(ckpt: str, shared: Path, n: int = 300, samples: int = 5) -> float:
@@ -22,14 +23,12 @@ def train_set_reward(ckpt: str, shared: Path, n: int = 300, samples: int = 5) ->
     per image (fixed seed) for the first n training images."""
     cfg = compose_train(tiny_overrides(shared, *LEARN, *run_dir(shared, "probe")))
     model = load_captioner(ckpt)
-    dm = CaptionDataModule(**plain(cfg.data))
-    dm.build_vocab(model.vocab)
-    dm.attach(model.encoder, "two_step")
+    dm = CaptionDataModule.for_model(plain(cfg.data), model, "two_step")
     dm.setup("fit")
-    refs = dm.train_references_tokens()
+    refs = model.data_link.train_references()
     rows = sorted(refs)[:n]
     model._cider = scst_reward(refs, eos=True)
-    feats = Features(dm._bank["pooled"][rows])
+    feats = Features(dm.bank["pooled"][rows])
     torch.manual_seed(0)
     with torch.no_grad():
         tokens, _ = sample(
@@ -49,7 +48,7 @@ def test_short_scst_stage_raises_train_reward(trained: dict, shared: Path) -> No
         "experiment=scst_synthetic",
         f"init_from={trained['ckpt']}",
         "trainer.max_epochs=2",
-        "model.optim.lr=5e-4",
+        "model.optimizer.lr=5e-4",
         "model.scst.baseline=mean",
         "test=false",
         "callbacks.model_checkpoint.monitor=null",  # keep the last epoch, not the best val
@@ -82,7 +81,9 @@ def test_reward_counts_eos() -> None:
     cut off at max_len are not (and with eos_reward=false the two score the same)."""
     words = ["a", "red", "circle", "two", "blue", "squares", "green", "star", "on", "the", "left"]
     vocab = Vocab(list(Vocab.SPECIALS) + words, max_len=10).to_dict()
-    model = Captioner(vocab, {"name": "resnet18"}, {"_target_": "imcap.decoder.ShowTellDecoder"})
+    model = Captioner(
+        vocab, {"name": "resnet18"}, {"_target_": "imcap.model.decoder.ShowTellDecoder"}
+    )
     v = model.vocab
     words = ["a", "red", "circle"]
     ids = v.encode(words)
@@ -111,7 +112,7 @@ def test_scst_mean_baseline_step_runs_and_uses_advantages(trained: dict) -> None
     refs = {0: [["a", "red", "circle"]], 1: [["two", "blue", "squares"]]}
     model._cider = CiderD(refs)
     model.train()
-    batch = {"pooled": torch.randn(2, model.encoder.feature_dim), "rows": torch.tensor([0, 1])}
+    batch = Batch(rows=torch.tensor([0, 1]), pooled=torch.randn(2, model.encoder.feature_dim))
     model.log = lambda *a, **k: None  # no trainer attached
     loss = model.scst_step(batch)
     loss.backward()

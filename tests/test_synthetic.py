@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imcap.synthetic as syn
+import imcap.data.synthetic as syn
+from imcap.data.records import ImageRecord
+from imcap.data.text import tokenize
 from imcap.errors import UserError
-from imcap.records import ImageRecord
-from imcap.text import tokenize
 
 SMALL = {"n_train": 24, "n_val": 8, "n_test": 8, "image_size": 96}
 SHAPE_TOKENS = {w: s for s, words in syn.SHAPE_WORDS.items() for pair in words for w in pair}
@@ -205,7 +205,7 @@ def test_concurrent_processes(tmp_path: Path) -> None:
     """Two processes (e.g. DDP ranks) generate the same dataset at once: both get the same records."""
     data = tmp_path / "syn"
     code = (
-        "import sys, json; from imcap.synthetic import load_synthetic as L;"
+        "import sys, json; from imcap.data.synthetic import load_synthetic as L;"
         "r = L(sys.argv[1], n_train=200, n_val=10, n_test=10, image_size=64);"
         "print(json.dumps([[x.image_id, str(x.path), x.captions] for x in r]))"
     )

@@ -1,4 +1,4 @@
-"""imcap.text.tokenize against the tokenizer the COCO toolkit really runs (Stanford PTBTokenizer
+"""imcap.data.text.tokenize against the tokenizer the COCO toolkit really runs (Stanford PTBTokenizer
 through pycocoevalcap), so training targets are exactly the tokens that get scored."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imcap.text import clean, tokenize
+from imcap.data.text import clean, tokenize
 
 JAVA = shutil.which("java")
 needs_java = pytest.mark.skipif(
@@ -92,7 +92,7 @@ def test_clean_joins_tokens() -> None:
 
 @needs_java
 def test_matches_java_tokenizer_on_tricky_sentences() -> None:
-    from imcap.metrics import ptb_tokenize
+    from imcap.eval.metrics import ptb_tokenize
 
     (java,) = ptb_tokenize(TRICKY)
     mismatches = [
@@ -106,7 +106,7 @@ def test_matches_java_tokenizer_on_tricky_sentences() -> None:
 @needs_java
 def test_expected_table_is_what_java_says() -> None:
     """Keeps the hard-coded table honest: it must be the Java tokenizer's output too."""
-    from imcap.metrics import ptb_tokenize
+    from imcap.eval.metrics import ptb_tokenize
 
     captions = [c for c, _ in EXPECTED]
     (java,) = ptb_tokenize(captions)
@@ -130,7 +130,7 @@ def _real_captions() -> list[str]:
     not (SHARED_DATA / "flickr8k" / "captions.txt").exists(), reason="no shared Flickr8k data"
 )
 def test_agreement_on_real_captions() -> None:
-    from imcap.metrics import ptb_tokenize
+    from imcap.eval.metrics import ptb_tokenize
 
     caps = _real_captions()
     (java,) = ptb_tokenize(caps)

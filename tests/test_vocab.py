@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from imcap.data.text import Vocab, tokenize
 from imcap.errors import UserError
-from imcap.text import Vocab, tokenize
 
 CAPS = ["A dog runs.", "A dog jumps!", "The cat sleeps", "a dog's ball"]
 

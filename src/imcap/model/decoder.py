@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imcap.encoder import Features
+from imcap.model.encoder import Features
 
 State = tuple[torch.Tensor, ...]
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -284,7 +284,7 @@ class TopDownDecoder(CaptionDecoder):
     `step` gives exactly the same numbers one word at a time (tested), for decoding.
 
     `attributes` > 0: a vector of that many word probabilities per image (`Features.attrs`,
-    from imcap.attributes) enters the attention cell beside the mean image (LSTM-A, Yao 2017).
+    from imcap.model.attributes) enters the attention cell beside the mean image (LSTM-A, Yao 2017).
     """
 
     uses_grid = True

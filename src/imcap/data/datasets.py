@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imcap.config import conf_defaults
+from imcap.data.records import SPLITS, ImageRecord
 from imcap.errors import UserError
-from imcap.records import SPLITS, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ class Layout:
     captions: dict[str, tuple[str, ...]]  # format -> candidate files; key order = auto order
     image_dirs: tuple[str, ...]  # candidate image folders (Flickr); COCO derives them from the year
     split_order: tuple[str, ...]  # what split_source=auto tries, in order
-    defaults: dict[str, Any]  # data.source defaults, as documented in conf/data/<name>.yaml
     fix: str  # how a user gets the files
 
     def formats(self) -> tuple[str, ...]:
@@ -60,20 +60,6 @@ LAYOUTS: dict[str, Layout] = {
         },
         image_dirs=("Images", "Flicker8k_Dataset", "Flickr8k_Dataset"),
         split_order=("official", "karpathy", "hash"),
-        defaults={
-            "format": "auto",
-            "split_source": "auto",
-            "restval": "train",
-            "image_dir": None,
-            "captions_file": None,
-            "karpathy_json": "dataset_flickr8k.json",
-            "split_lists": {
-                "train": "Flickr8k_text/Flickr_8k.trainImages.txt",
-                "val": "Flickr8k_text/Flickr_8k.devImages.txt",
-                "test": "Flickr8k_text/Flickr_8k.testImages.txt",
-            },
-            "hash_split": {"val": 1000, "test": 1000, "seed": 0},
-        },
         fix="run `python src/prepare.py data=flickr8k`",
     ),
     "flickr30k": Layout(
@@ -94,16 +80,6 @@ LAYOUTS: dict[str, Layout] = {
             "flickr30k_images",
         ),
         split_order=("karpathy", "official", "hash"),
-        defaults={
-            "format": "auto",
-            "split_source": "auto",
-            "restval": "train",
-            "image_dir": None,
-            "captions_file": None,
-            "karpathy_json": "dataset_flickr30k.json",
-            "split_lists": {"train": "train.txt", "val": "val.txt", "test": "test.txt"},
-            "hash_split": {"val": 1014, "test": 1000, "seed": 0},
-        },
         fix=(
             "Flickr30k has no public direct download: get the archives (Illinois form or Kaggle) "
             "and run `python src/prepare.py data=flickr30k archives=[/path/to/archive,...]`"
@@ -117,16 +93,6 @@ LAYOUTS: dict[str, Layout] = {
         },
         image_dirs=(".", "images"),  # folders holding train<year>/ and val<year>/
         split_order=("karpathy", "official", "hash"),
-        defaults={
-            "format": "auto",
-            "split_source": "auto",
-            "restval": "train",
-            "year": "auto",
-            "image_dir": None,
-            "annotations_dir": "annotations",
-            "karpathy_json": "dataset_coco.json",
-            "hash_split": {"val": 5000, "test": 5000, "seed": 0},
-        },
         fix="run `python src/prepare.py data=coco`",
     ),
 }
@@ -175,7 +141,7 @@ def available_splits(records: Iterable[ImageRecord]) -> list[str]:
 def describe_layouts(name: str) -> str:
     """One line naming the layouts `name` is read from (for error messages)."""
     lay = LAYOUTS[name]
-    karpathy = lay.defaults["karpathy_json"]
+    karpathy = conf_defaults(f"data/{name}", "source")["karpathy_json"]
     if name == "coco":
         return (
             "annotations/captions_{train,val}{2014,2017}.json with train2014/ val2014/ "
@@ -194,8 +160,9 @@ def describe_layouts(name: str) -> str:
 
 
 def _options(name: str, source: Mapping[str, Any]) -> dict[str, Any]:
-    """data.source merged over the defaults, validated (unknown keys and values are user errors)."""
-    defaults = LAYOUTS[name].defaults
+    """data.source merged over the defaults of conf/data/<name>.yaml (the one place they are
+    written), validated: unknown keys and values are user errors."""
+    defaults = conf_defaults(f"data/{name}", "source")
     unknown = sorted(set(source) - set(defaults))
     if unknown:
         raise UserError(

@@ -35,9 +35,32 @@ def make_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch
     )
 
 
+MAX_PIXELS = 8192 * 8192  # larger images are refused before decoding (decompression bombs)
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more than MAX_PIXELS pixels (a bad image, not a crash)."""
+
+
+# what a corrupt, truncated, oversized or non-image file raises: a bad image under the policy
+BAD_IMAGE_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB; raises OSError/UnidentifiedImageError when bad."""
+    """Open and fully decode an image as RGB; raises one of BAD_IMAGE_ERRORS when bad.
+
+    The pixel count is checked from the header, before any decoding, so a tiny file that
+    declares a gigapixel image costs nothing (Pillow's own guard only warns below 2x its limit)."""
     with Image.open(path) as im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ImageTooLarge(f"{w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit")
         im.load()  # force decoding now, so truncated files fail here
         return im.convert("RGB")
 
@@ -64,7 +87,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None]:
         try:
             return i, self.transform(load_image(self.paths[i]))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except BAD_IMAGE_ERRORS as e:
             if self.bad_images == "error":
                 raise UserError(
                     f"cannot read image {self.paths[i]}: {e}. Fix or remove the file, or set "

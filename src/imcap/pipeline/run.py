@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,16 +13,15 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from imcap.datamodule import CaptionDataModule
+from imcap.data.images import ImageFiles, collate_images, list_images, make_transform
 from imcap.errors import UserError
-from imcap.images import ImageFiles, collate_images, list_images, make_transform
-from imcap.module import Captioner, load_captioner, read_checkpoint
+from imcap.model.module import Captioner, load_captioner, read_checkpoint
+from imcap.pipeline.datamodule import CaptionDataModule
 
 log = logging.getLogger(__name__)
-
-ENCODER_ARGS = ("name", "pretrained", "trainable", "img_size", "crop_pct")
 
 
 def plain(cfg: Any) -> Any:
@@ -40,7 +38,7 @@ def output_dir(cfg: DictConfig) -> Path:
 def check_metrics_env(cfg: DictConfig) -> None:
     """Fail before any training if scoring cannot run at the end."""
     if cfg.metrics.java:
-        from imcap.metrics import check_java
+        from imcap.eval.metrics import check_java
 
         check_java()
 
@@ -51,7 +49,7 @@ def make_loggers(cfg: DictConfig) -> list:
         if lcfg is None or "_target_" not in lcfg:
             continue
         if lcfg._target_.endswith("WandbLogger"):
-            from imcap.wandb_utils import wandb_logger
+            from imcap.pipeline.wandb_utils import wandb_logger
 
             loggers.append(wandb_logger(lcfg, cfg))
         else:
@@ -68,23 +66,25 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
     ]
 
 
-def build_model(cfg: DictConfig, dm: CaptionDataModule) -> Captioner:
-    """Vocabulary from the data, model from the config, weights loaded.
+def build_model(cfg: DictConfig) -> Captioner:
+    """The model of this config: vocabulary from the training captions, weights loaded.
 
     With `init_from=<ckpt>` (a second stage, e.g. SCST) the checkpoint's vocabulary, encoder and
     decoder are kept (so they always fit its weights); optimisation, loss, decoding and SCST
     settings come from this config.
     """
+    m = cfg.model
     run_args = {
-        "optim": plain(cfg.model.optim),
-        "loss": plain(cfg.model.loss),
-        "decoding": plain(cfg.model.decoding),
-        "scst": plain(cfg.model.get("scst")),
+        "optimizer": plain(m.optimizer),
+        "scheduler": plain(m.scheduler),
+        "encoder_lr": m.encoder_lr,
+        "loss": plain(m.loss),
+        "decoding": plain(m.decoding),
+        "scst": plain(m.get("scst")),
         "data": {k: plain(cfg.data)[k] for k in ("name", "root", "loader", "source")},
     }
     if cfg.get("init_from"):
         init = load_captioner(cfg.init_from)
-        dm.build_vocab(init.vocab)
         hp = dict(init.hparams)
         model = Captioner(**{**hp, **run_args, "encoder": {**hp["encoder"], "pretrained": False}})
         model.load_state_dict(init.state_dict())
@@ -96,15 +96,27 @@ def build_model(cfg: DictConfig, dm: CaptionDataModule) -> Captioner:
             "initialised from %s (its vocabulary of %d words)", cfg.init_from, len(model.vocab)
         )
     else:
-        vocab = dm.build_vocab()
-        encoder = {k: v for k, v in plain(cfg.encoder).items() if k in ENCODER_ARGS}
+        vocab = CaptionDataModule.train_vocab(plain(cfg.data))
         model = Captioner(
-            vocab=vocab.to_dict(), encoder=encoder, decoder=plain(cfg.decoder), **run_args
+            vocab=vocab.to_dict(),
+            encoder=plain(cfg.encoder),
+            decoder=plain(cfg.decoder),
+            **run_args,
         )
         source = model.encoder.load_pretrained()
         log.info("encoder %s, weights: %s", model.encoder.name, source)
     model.metrics_cfg = plain(cfg.metrics)
     return model
+
+
+def stopped_message(trainer: L.Trainer, why: str) -> str:
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    if last and Path(last).is_file():
+        return (
+            f"training stopped ({why}) in epoch {trainer.current_epoch}; resumable checkpoint "
+            f"{last}: continue with ckpt_path={last} (same overrides)"
+        )
+    return f"training stopped ({why}) in epoch {trainer.current_epoch}; no checkpoint was saved"
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -113,38 +125,50 @@ def train(cfg: DictConfig) -> float | None:
     out = output_dir(cfg)
     check_metrics_env(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    dm = CaptionDataModule(**plain(cfg.data))
-    model = build_model(cfg, dm)
-    if cfg.get("ckpt_path"):
-        check_resume_vocab(cfg.ckpt_path, dm.vocab)
-    if rank_zero_only.rank == 0:
-        dm.vocab.save(out / "vocab.json")
-    trainable = (
-        model.encoder.trainable or cfg.encoder.get("finetune", {}).get("start_epoch") is not None
-    )
-    if cfg.mode == "two_step" and trainable:
+    finetune = (cfg.get("callbacks") or {}).get("finetune") or {}
+    if cfg.mode == "two_step" and (
+        cfg.encoder.trainable or finetune.get("start_epoch") is not None
+    ):
         raise UserError(
             "a trainable / fine-tuned encoder needs mode=joint (two_step trains on frozen features)"
         )
-    dm.attach(model.encoder, cfg.mode, grid=model.decoder.uses_grid)
+    model = build_model(cfg)
+    if cfg.get("ckpt_path"):
+        check_resume_vocab(cfg.ckpt_path, model.vocab)
+    if rank_zero_only.rank == 0:
+        model.vocab.save(out / "vocab.json")
+    dm = CaptionDataModule.for_model(plain(cfg.data), model, cfg.mode)
     if cfg.get("compile"):
         model.decoder.compile()  # in place: state-dict keys unchanged
     callbacks = make_callbacks(cfg)
     extra: dict[str, Any] = {}
     if not sys.stderr.isatty():  # a log file, not a terminal: progress lines, not bar redraws
-        from imcap.callbacks import ProgressLog
+        from imcap.pipeline.callbacks import ProgressLog
 
         if "enable_progress_bar" not in cfg.trainer:
             extra["enable_progress_bar"] = False
         callbacks.append(ProgressLog())
+    if "plugins" not in cfg.trainer:  # checkpoints written to a temp file, then renamed
+        from imcap.pipeline.callbacks import AtomicCheckpointIO
+
+        extra["plugins"] = [AtomicCheckpointIO()]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg) or False, **extra
     )
     for lg in trainer.loggers:
         lg.log_hyperparams(plain(cfg))
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SIGTERMException:  # preemption / scancel: last.ckpt saved, exit 143 for a requeue
+        print(f"error: {stopped_message(trainer, 'SIGTERM')}", file=sys.stderr)
+        sys.exit(143)
+    except SystemExit:  # Lightning turns Ctrl-C into exit(1) after saving last.ckpt
+        if not trainer.interrupted:
+            raise
+        print(f"error: {stopped_message(trainer, 'Ctrl-C')}", file=sys.stderr)
+        sys.exit(130)
     if trainer.interrupted:
-        raise UserError("training was interrupted")
+        raise UserError(stopped_message(trainer, "interrupted"))
 
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
@@ -260,10 +284,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{cfg.ckpt_path} records no dataset: pass data=<name> (e.g. data=flickr8k)"
         )
     split = cfg.get("split") or data.get("split") or "test"
-    data["split"] = split
-    dm = CaptionDataModule(**data)
-    dm.build_vocab(model.vocab)
-    dm.attach(model.encoder, cfg.get("mode", "joint"), grid=model.decoder.uses_grid)
+    dm = CaptionDataModule.for_model(data, model, cfg.get("mode", "joint"), split=split)
     dm.require_split(split)
     trainer = L.Trainer(
         accelerator=cfg.get("accelerator", "auto"),
@@ -350,7 +371,7 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
 
 def save_attention(model: Captioner, path: Path, dec: Any, j: int, out: Path) -> Path:
     """Per-word attention figure (attention decoders only)."""
-    from imcap.viz import attention_figure
+    from imcap.eval.viz import attention_figure
 
     if dec.alphas is None:
         raise UserError(
@@ -362,8 +383,3 @@ def save_attention(model: Captioner, path: Path, dec: Any, j: int, out: Path) ->
     words = model.vocab.decode(tokens).split()
     attention_figure(path, words + ["<eos>"], dec.alphas[j].float().cpu(), target)
     return target
-
-
-def set_project_root() -> None:
-    """Entry points call this so configs can find the project root from any working directory."""
-    os.environ.setdefault("IMCAP_ROOT", str(Path(__file__).resolve().parents[2]))

@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from imcap.data.records import SPLITS, ImageRecord
+from imcap.data.text import tokenize
 from imcap.errors import UserError
-from imcap.records import SPLITS, ImageRecord
-from imcap.text import tokenize
 
 log = logging.getLogger(__name__)
 
 # Bump when generation changes, so stale caches regenerate.
 VERSION = 1
 N_CAPTIONS = 5
-MAX_WORDS = 16  # tokens per caption after imcap.text.tokenize
+MAX_WORDS = 16  # tokens per caption after imcap.data.text.tokenize
 SUPERSAMPLE = 4  # draw shapes at 4x and box-filter down: anti-aliased edges
 
 COLOURS: dict[str, tuple[int, int, int]] = {

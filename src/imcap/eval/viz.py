@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from imcap.images import load_image  # noqa: E402
+from imcap.data.images import load_image  # noqa: E402
 
 
 def region_grid(alphas: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from imcap.encoder import Encoder
-from imcap.images import ImageFiles, collate_images, make_transform
+from imcap.data.images import ImageFiles, collate_images, make_transform
+from imcap.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from imcap.decoder import CaptionDecoder
-from imcap.encoder import Features
+from imcap.model.decoder import CaptionDecoder
+from imcap.model.encoder import Features
 
-PAD, UNK = 0, 3  # imcap.text.Vocab's fixed ids
+PAD, UNK = 0, 3  # imcap.data.text.Vocab's fixed ids
 
 
 def _log_probs(logits: torch.Tensor, bos: int, temperature: float = 1.0) -> torch.Tensor:

@@ -1,21 +1,78 @@
-"""Callbacks: sample captions for people to read, and staged CNN fine-tuning."""
+"""Callbacks: checkpoints that survive kills, sample captions and figures for people to read,
+staged CNN fine-tuning, progress lines for log files."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from timm.models import group_parameters
 
 from imcap.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place: a kill or a full disk
+    mid-write leaves the previous file intact, never a truncated one under the final name."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `last.ckpt` is the latest epoch, always.
+
+    Lightning writes `last.ckpt` only when a top-k checkpoint was saved in the same step, so
+    after the best epoch it stops moving and a resume after kill -9 would lose every epoch since
+    the last improvement. Here it is rewritten after every validation, and also when the run is
+    stopped by SIGTERM (preemption, scancel) or Ctrl-C, so a resume loses at most the epoch in
+    progress."""
+
+    # Lightning saves in on_train_epoch_end when validation runs once per epoch, else in
+    # on_validation_end; after whichever it used, last.ckpt is written if it was not just now.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._last_too(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._last_too(trainer)
+
+    def _last_too(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or not self.save_last:
+            return
+        if trainer.state.fn != "fit" or self.dirpath is None:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)  # mid-epoch state: the resume restarts that epoch
+        self.last_model_path = str(path)
+        log.warning("stopped (%s): saved %s", type(exception).__name__, path)
 
 
 class SampleCaptions(L.Callback):
@@ -33,14 +90,13 @@ class SampleCaptions(L.Callback):
         preds = getattr(pl_module, "predictions", {}).get("val")
         if trainer.sanity_checking or not preds or not trainer.is_global_zero:
             return
-        dm = trainer.datamodule
-        refs = dm.references("val")
-        paths = {r.image_id: str(r.path) for r in dm.load_records()["val"]}
+        link = pl_module.data_link
+        refs = link.references("val")
         ids = sorted(preds)[: self.num_samples]
         rows = [
             {
                 "image_id": i,
-                "image": paths.get(i),
+                "image": str(link.image_path(i)),
                 "caption": preds[i],
                 "references": refs.get(i, []),
             }
@@ -95,12 +151,10 @@ class EncoderFinetuning(BaseFinetuning):
         self.start_epoch, self.last_n_blocks, self.lr = start_epoch, last_n_blocks, lr
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (
-            self.start_epoch is not None
-            and getattr(trainer.datamodule, "mode", "joint") == "two_step"
-        ):
+        link = getattr(pl_module, "data_link", None)
+        if self.start_epoch is not None and link is not None and link.mode == "two_step":
             raise UserError(
-                "encoder.finetune.start_epoch needs mode=joint (two-step trains on frozen features)"
+                "callbacks.finetune.start_epoch needs mode=joint (two-step trains on frozen features)"
             )
         super().on_fit_start(trainer, pl_module)
 
@@ -180,7 +234,7 @@ class Curves(L.Callback):
             row[f"val/{k}"] = v
         self.history.append(row)
         if self.path:
-            from imcap.viz import curves_figure
+            from imcap.eval.viz import curves_figure
 
             fig = curves_figure(self.history, self.path)
             for logger in trainer.loggers:
@@ -202,12 +256,12 @@ class AttentionMaps(L.Callback):
             return
         if not getattr(pl_module.decoder, "uses_grid", False):
             return
-        from imcap.viz import attention_figure
+        from imcap.eval.viz import attention_figure
 
-        dm = trainer.datamodule
-        records = {r.image_id: r for r in dm.load_records()["val"]}
-        ids = sorted(getattr(pl_module, "predictions", {}).get("val") or records)[: self.num_images]
-        batch = dm.eval_batch(ids, pl_module.device)
+        link = pl_module.data_link
+        preds = getattr(pl_module, "predictions", {}).get("val") or link.references("val")
+        ids = sorted(preds)[: self.num_images]
+        batch = link.eval_batch(ids, pl_module.device)
         with torch.no_grad():
             out = pl_module.generate(pl_module.features(batch), beam_size=1, return_attn=True)
         tag = f"epoch_{trainer.current_epoch:03d}" if trainer.state.fn == "fit" else "best"
@@ -216,7 +270,9 @@ class AttentionMaps(L.Callback):
             words = pl_module.vocab.decode(out.tokens[j].tolist()).split() + ["<eos>"]
             target = Path(self.dirpath) / tag / f"{image_id}.png"
             figures.append(
-                attention_figure(records[image_id].path, words, out.alphas[j].float().cpu(), target)
+                attention_figure(
+                    link.image_path(image_id), words, out.alphas[j].float().cpu(), target
+                )
             )
         for logger in trainer.loggers:
             name = type(logger).__name__

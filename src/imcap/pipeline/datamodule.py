@@ -1,12 +1,16 @@
 """One LightningDataModule for every dataset, in two modes.
 
 - joint:    batches carry images; the encoder runs every step (needed to fine-tune the CNN).
-- two_step: the frozen encoder runs once over every image (`imcap.features`), and training
+- two_step: the frozen encoder runs once over every image (`imcap.pipeline.features`), and training
             batches are gathered from the cached features held on the training device: the
             DataLoader yields only index tensors, so the hot loop does no per-item Python work.
 
-Training batches are (image, caption) pairs padded to the longest caption; val/test batches
-hold each image once, and its references come from `references(split)`.
+Build it with `CaptionDataModule.for_model(data_cfg, model, mode)`: the model fixes the
+vocabulary, the encoder (transform or cached features) and whether a grid is needed; in
+`setup` the module hands the model what it needs from the data (`Captioner.connect`).
+Every batch is an `imcap.model.batch.Batch`: training batches are (image, caption) pairs
+padded to the longest caption; val/test batches hold each image once, and the references
+come from `references(split)`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import pydoc
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from imcap.encoder import Encoder
-from imcap.errors import UserError
-from imcap.features import CachedFeatures, ensure_features
-from imcap.images import (
+from imcap.config import checked, conf_defaults
+from imcap.data.images import (
     ImageBytes,
     ImageFiles,
     check_policy,
@@ -36,12 +39,30 @@ from imcap.images import (
     load_image,
     make_transform,
 )
-from imcap.records import SPLITS, ImageRecord
-from imcap.text import Vocab, tokenize
+from imcap.data.records import SPLITS, ImageRecord
+from imcap.data.text import Vocab, tokenize
+from imcap.errors import UserError
+from imcap.model.batch import Batch, DataLink
+from imcap.model.encoder import Encoder
+from imcap.pipeline.features import CachedFeatures, ensure_features
 
 log = logging.getLogger(__name__)
 
 MODES = ("two_step", "joint")
+# data.* keys read by others: the encoder's input size (an interpolation) and prepare.py's archives
+NOT_FOR_DATAMODULE = ("img_size", "download")
+
+
+def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = None) -> dict:
+    """data.* over conf/data/_base.yaml's defaults, without the keys other parts read; an
+    unknown key (a typo such as data.bach_size) is a one-line error naming the valid ones."""
+    given = {k: v for k, v in {**data, **(changes or {})}.items() if k not in NOT_FOR_DATAMODULE}
+    base = {k: v for k, v in conf_defaults("data/_base").items() if k not in NOT_FOR_DATAMODULE}
+    opts = checked("data", given, base)
+    for key in ("name", "root"):
+        if opts[key] in (None, "???"):
+            raise UserError(f"data.{key} is not set: choose a dataset, e.g. data=flickr8k")
+    return opts
 
 
 def encode_caption(vocab: Vocab, caption: str) -> list[int]:
@@ -58,10 +79,11 @@ def pad_tokens(seqs: list[list[int]], pad: int = 0, length: int | None = None) -
 
 
 class IndexBatches(Dataset):
-    """Indices only: `__getitems__` turns a sampled batch of indices into one tensor."""
+    """Indices only: `__getitems__` turns a sampled batch of indices into one tensor, under
+    `key` ("captions": training pairs, "rows": images to caption)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, key: str) -> None:
+        self.n, self.key = n, key
 
     def __len__(self) -> int:
         return self.n
@@ -69,8 +91,8 @@ class IndexBatches(Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
-    def __getitems__(self, idx: list[int]) -> torch.Tensor:
-        return torch.tensor(idx, dtype=torch.long)
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return {self.key: torch.tensor(idx, dtype=torch.long)}
 
 
 class CaptionsPerImage(Sampler[int]):
@@ -147,33 +169,34 @@ class CaptionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
+        *,
         name: str,
         root: str,
-        loader: str = "imcap.datasets.load_records",
-        source: dict | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int = 100,
-        num_workers: int = 2,
-        pin_memory: bool | None = None,
-        vocab: dict | None = None,
-        bad_images: str = "skip",
-        cache_dir: str = ".cache/features",
-        max_train_images: int | None = None,
-        max_eval_images: int | None = None,
-        split: str = "test",
-        blind: bool = False,
-        captions_per_image: int | None = None,
-        seed: int = 0,
-        gpu_decode: bool = False,
-        extract_precision: str = "auto",
-        **_: Any,
+        loader: str,
+        source: dict,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        pin_memory: bool | None,
+        vocab: dict,
+        bad_images: str,
+        cache_dir: str,
+        max_train_images: int | None,
+        max_eval_images: int | None,
+        split: str,
+        blind: bool,
+        captions_per_image: int | None,
+        seed: int,
+        gpu_decode: bool,
+        extract_precision: str,
     ) -> None:
+        """Every option is required: the defaults are conf/data/_base.yaml (see `for_model`)."""
         super().__init__()
         self.name, self.root = name, str(root)
         self.loader, self.source = loader, dict(source or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.vocab_cfg = {"min_count": 1, "max_len": 20, **(vocab or {})}
+        self.vocab_cfg = dict(vocab)
         self.bad_images = check_policy(bad_images)
         self.cache_dir = cache_dir
         self.max_train_images, self.max_eval_images = max_train_images, max_eval_images
@@ -187,8 +210,47 @@ class CaptionDataModule(L.LightningDataModule):
         self.encoder: Encoder | None = None
         self.mode = "joint"
         self.grid = False
+        self.model: Any = None  # the Captioner this data feeds (for_model): gets a DataLink
         self.cache: CachedFeatures | None = None
         self.bad_counts: dict[str, int] = defaultdict(int)
+
+    # -- the seam with the model ---------------------------------------------------------------
+    @classmethod
+    def for_model(
+        cls, data: Mapping[str, Any], model: Any, mode: str = "two_step", **changes: Any
+    ) -> CaptionDataModule:
+        """The data module for `model`: its vocabulary, its encoder's transform or cached
+        features (mode), a grid when its decoder attends. `data` is the data.* config (keys
+        missing from it take conf/data/_base.yaml's defaults; unknown keys are an error);
+        `changes` override single keys (e.g. split="val")."""
+        dm = cls(**data_options(data, changes))
+        dm.vocab = model.vocab
+        dm._attach(model.encoder, mode, grid=model.decoder.uses_grid)
+        dm.model = model
+        return dm
+
+    @classmethod
+    def train_vocab(cls, data: Mapping[str, Any]) -> Vocab:
+        """The vocabulary of a dataset's training captions (what a new model is built with)."""
+        return cls(**data_options(data)).build_vocab()
+
+    @classmethod
+    def records_of(cls, data: Mapping[str, Any]) -> dict[str, list[ImageRecord]]:
+        """A dataset's records by split (sizes, listings), without a model."""
+        return cls(**data_options(data)).load_records()
+
+    def link(self) -> DataLink:
+        """What the model needs from this data (handed over in `setup`)."""
+        records = {r.image_id: r for r in self._all_records()}
+        return DataLink(
+            mode=self.mode,
+            eval_split=self.split,
+            train_references=self.train_references_tokens,
+            references=self.references,
+            image_path=lambda image_id: Path(records[image_id].path),
+            eval_batch=self.eval_batch,
+            bad_counts=self.bad_counts,
+        )
 
     # -- records and vocabulary ---------------------------------------------------------------
     def load_records(self) -> dict[str, list[ImageRecord]]:
@@ -249,7 +311,7 @@ class CaptionDataModule(L.LightningDataModule):
         }
 
     # -- encoder hookup -----------------------------------------------------------------------
-    def attach(self, encoder: Encoder, mode: str = "two_step", grid: bool = False) -> None:
+    def _attach(self, encoder: Encoder, mode: str = "two_step", grid: bool = False) -> None:
         """Use this encoder's transform (joint) or cached features (two_step)."""
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
@@ -269,7 +331,9 @@ class CaptionDataModule(L.LightningDataModule):
     def _ensure_cache(self) -> CachedFeatures:
         if self.cache is None:
             if self.encoder is None:
-                raise RuntimeError("call attach(encoder, mode) before using the datamodule")
+                raise RuntimeError(
+                    "build the data module with CaptionDataModule.for_model(data, model)"
+                )
             paths = [r.path for r in self._all_records()]
             self.cache = ensure_features(
                 self.encoder,
@@ -288,21 +352,23 @@ class CaptionDataModule(L.LightningDataModule):
 
     # -- datasets -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.vocab is None:
-            self.build_vocab()
+        if self.vocab is None or self.encoder is None:
+            raise RuntimeError(
+                "build the data module with CaptionDataModule.for_model(data, model)"
+            )
         records = self._all_records()
         self.row_of = {r.image_id: i for i, r in enumerate(records)}
-        self._bank: dict[str, torch.Tensor] = {}
+        self.bank: dict[str, torch.Tensor] = {}  # cached features: pooled (N, C), grid (N, R, C')
         bad: set[int] = set()
         if self.mode == "two_step":
             cache = self._ensure_cache()
             bad = cache.bad
             # Whole cache in memory (float16 grids stay float16 until gathered).
-            self._bank["pooled"] = torch.from_numpy(np.asarray(cache.pooled, dtype=np.float32))
+            self.bank["pooled"] = torch.from_numpy(np.asarray(cache.pooled, dtype=np.float32))
             if self.grid:  # stays memory-mapped (float16) on the CPU; copied once to a GPU
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write
-                    self._bank["grid"] = torch.from_numpy(cache.grid)
+                    self.bank["grid"] = torch.from_numpy(cache.grid)
         # Training captions, pre-encoded once: (P, L) ids, their lengths and image rows.
         tokens, rows = [], []
         for r in self.load_records()["train"]:
@@ -328,6 +394,8 @@ class CaptionDataModule(L.LightningDataModule):
             for s in self._splits_in_use()
         }
         self._device_bank: dict[str, torch.Tensor] = {}
+        if self.model is not None:
+            self.model.connect(self.link())
 
     def _files(self, records: list[ImageRecord], raw: bool = False) -> ImageFiles:
         cls = ImageBytes if raw else ImageFiles  # raw: JPEG bytes for on-device decoding
@@ -350,7 +418,7 @@ class CaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.mode == "two_step":
             return DataLoader(
-                IndexBatches(len(self.train_rows)),
+                IndexBatches(len(self.train_rows), "captions"),
                 batch_size=self.batch_size,
                 collate_fn=_identity,
                 drop_last=False,
@@ -373,7 +441,7 @@ class CaptionDataModule(L.LightningDataModule):
         if not rows:
             self.require_split(split)
         if self.mode == "two_step":
-            ds: Dataset = _Subset(IndexBatches(len(self.row_of)), rows)
+            ds: Dataset = _Subset(IndexBatches(len(self.row_of), "rows"), rows)
             return DataLoader(
                 ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=_identity
             )
@@ -397,27 +465,35 @@ class CaptionDataModule(L.LightningDataModule):
     def eval_dataloader(self, split: str) -> DataLoader:
         return self._eval_dataloader(split)
 
-    # -- batch assembly -----------------------------------------------------------------------
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
-        """Turn raw loader output into a batch dict (still on the CPU)."""
-        if isinstance(batch, torch.Tensor):  # two-step: indices
-            if self.trainer is not None and self.trainer.training:
-                T = int(self.train_lengths[batch].max())  # trim padding to this batch's longest
-                return {"pairs": batch, "T": T}
-            return {"rows": batch, "image_ids": self._ids(batch)}
-        if "tokens" in batch:  # joint training
+    # -- batch assembly: loader output -> Batch --------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
+        """Loader output -> a `Batch` (still on the CPU; features are gathered after transfer)."""
+        if "captions" in batch:  # two-step training: caption indices
+            idx = batch["captions"]  # (B,)
+            T = int(self.train_lengths[idx].max())  # trim padding to this batch's longest
+            rows = self.train_rows[idx]  # (B,)
+            tokens = self.train_tokens[idx, :T]  # (B, T+2)
+            return Batch(rows=rows, image_ids=self._ids(rows), tokens=tokens)
+        if "tokens" in batch:  # joint training: (image, caption) pairs
             if isinstance(batch["images"], list):  # gpu_decode: decode straight onto the device
                 batch = self._decode(batch)
-            if batch["bad"]:
-                self.bad_counts["train"] += int(batch["bad"])
-            if self.blind:
-                batch["images"].zero_()
-            return batch
-        # joint evaluation: `index` are row numbers in the file list
-        if batch["bad"].numel():
-            self.bad_counts["eval"] += int(batch["bad"].numel())
-        images = batch["images"].zero_() if self.blind else batch["images"]
-        return {"images": images, "image_ids": self._ids(batch["index"])}
+            self.bad_counts["train"] += int(batch["bad"])
+            out = Batch(
+                rows=batch["rows"],
+                image_ids=self._ids(batch["rows"]),
+                tokens=batch["tokens"],
+                images=batch["images"],
+            )
+        elif "index" not in batch:  # two-step evaluation: image rows
+            return Batch(rows=batch["rows"], image_ids=self._ids(batch["rows"]))
+        else:  # joint evaluation: `index` are rows of the image table
+            if batch["bad"].numel():
+                self.bad_counts["eval"] += int(batch["bad"].numel())
+            rows = batch["index"]
+            out = Batch(rows=rows, image_ids=self._ids(rows), images=batch["images"])
+        if self.blind and out.images is not None:
+            out.images = torch.zeros_like(out.images)
+        return out
 
     def _decode(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = (
@@ -439,47 +515,34 @@ class CaptionDataModule(L.LightningDataModule):
         return [records[i].image_id for i in rows.tolist()]
 
     def _on(self, key: str, device: torch.device) -> torch.Tensor:
-        """A bank tensor on `device`, moved there once."""
+        """A feature-bank tensor on `device`, moved there once."""
         t = self._device_bank.get(key)
         if t is None or t.device != device:
-            src = {"train_tokens": self.train_tokens, "train_rows": self.train_rows}.get(key)
-            t = (src if src is not None else self._bank[key]).to(device)
+            t = self.bank[key].to(device)
             self._device_bank[key] = t
         return t
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Two-step: gather features (and caption ids) on the training device."""
-        if "images" in batch:  # joint mode: images are already the batch
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Two-step: gather the cached features of the batch's images on the device."""
+        if self.mode != "two_step" or batch.images is not None:
             return batch
-        if "pairs" in batch:
-            idx, device = batch["pairs"], batch["pairs"].device
-            rows = self._on("train_rows", device)[idx]  # (B,)
-            out = {
-                "tokens": self._on("train_tokens", device)[idx, : batch["T"]],
-                "rows": rows,
-            }  # (B, T+2)
-        elif "rows" in batch:
-            rows, device = batch["rows"], batch["rows"].device
-            out = {"image_ids": batch["image_ids"]}
-        else:
-            return batch
-        out["pooled"] = self._on("pooled", device)[rows]  # (B, C)
-        if self.grid:
-            out["grid"] = self._on("grid", device)[rows].float()  # (B, R, C')
+        rows, device = batch.rows, batch.rows.device
+        pooled = self._on("pooled", device)[rows]  # (B, C)
+        grid = self._on("grid", device)[rows].float() if self.grid else None  # (B, R, C')
         if self.blind:
-            out = {k: v.zero_() if k in ("pooled", "grid") else v for k, v in out.items()}
-        return out
+            pooled = torch.zeros_like(pooled)
+            grid = torch.zeros_like(grid) if grid is not None else None
+        return batch.with_(pooled=pooled, grid=grid)
 
-    def eval_batch(self, image_ids: list[str], device: torch.device) -> dict[str, Any]:
+    def eval_batch(self, image_ids: list[str], device: torch.device) -> Batch:
         """A batch (as the model sees it) for chosen images, e.g. the fixed attention-map set."""
         rows = torch.tensor([self.row_of[i] for i in image_ids])
+        batch = Batch(rows=rows.to(device), image_ids=list(image_ids))
         if self.mode == "two_step":
-            return self.on_after_batch_transfer(
-                {"rows": rows.to(device), "image_ids": list(image_ids)}, 0
-            )
+            return self.on_after_batch_transfer(batch, 0)
         records = self._all_records()
         images = torch.stack([self.load_image(records[r].path) for r in rows.tolist()])
-        return {"images": images.to(device), "image_ids": list(image_ids)}
+        return batch.with_(images=images.to(device))
 
     def load_image(self, path: str | Path) -> torch.Tensor:
         return make_transform(self.encoder.data_config)(load_image(path))

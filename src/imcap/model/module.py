@@ -7,8 +7,8 @@ no Hydra config and produces the same captions.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 import pickle
 import pydoc
 from collections.abc import Sequence
@@ -18,38 +18,20 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
-from imcap.attributes import AttributeDetector, attribute_targets, attribute_words
-from imcap.decoder import CaptionDecoder
-from imcap.decoding import Decoded, beam_search, greedy, sample
-from imcap.encoder import Encoder, Features
+from imcap.config import checked, conf_defaults
+from imcap.data.text import Vocab
 from imcap.errors import UserError
-from imcap.text import Vocab
+from imcap.model.attributes import AttributeDetector, attribute_targets, attribute_words
+from imcap.model.batch import Batch, DataLink
+from imcap.model.decoder import CaptionDecoder
+from imcap.model.decoding import Decoded, beam_search, greedy, sample
+from imcap.model.encoder import Encoder, Features
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPTIM = {
-    "lr": 4e-4,
-    "weight_decay": 0.0,
-    "encoder_lr": 1e-5,
-    "scheduler": "cosine",
-    "warmup_steps": 0,
-}
-DEFAULT_LOSS = {
-    "label_smoothing": 0.0,
-    "attention_reg": 1.0,
-    "ss_prob": 0.0,
-    "ss_ramp_epochs": 0,
-    "attributes": 1.0,
-}
-DEFAULT_DECODING = {"beam_size": 1, "max_len": 20, "length_penalty": 0.0}
-DEFAULT_SCST = {
-    "enabled": False,
-    "num_samples": 5,
-    "baseline": "greedy",
-    "temperature": 1.0,
-    "eos_reward": True,
-}
+FROM_CONF: Any = "conf/model/default.yaml"  # an argument not given: the config's default
 EOS_WORD = "<eos>"  # the end of a caption as a word of the CIDEr-D reward (scst.eos_reward)
 SCST_BASELINES = ("greedy", "mean")
 
@@ -57,7 +39,7 @@ SCST_BASELINES = ("greedy", "mean")
 def build_decoder(spec: dict[str, Any], vocab_size: int, encoder: Encoder) -> CaptionDecoder:
     """Instantiate the decoder class named by `spec["_target_"]` with the rest as arguments."""
     spec = dict(spec)
-    target = spec.pop("_target_", "imcap.decoder.ShowTellDecoder")
+    target = spec.pop("_target_", "imcap.model.decoder.ShowTellDecoder")
     cls = pydoc.locate(target)
     if cls is None:
         raise UserError(f"decoder._target_ '{target}' is not an importable class")
@@ -74,16 +56,37 @@ class Captioner(L.LightningModule):
         vocab: dict,
         encoder: dict,
         decoder: dict,
-        optim: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = FROM_CONF,
+        encoder_lr: float | None = None,
         loss: dict | None = None,
         decoding: dict | None = None,
-        data: dict | None = None,
         scst: dict | None = None,
+        data: dict | None = None,
     ) -> None:
-        """All arguments are plain dicts (saved in the checkpoint); `data` is only a record of
-        which dataset trained the model, so eval.py can default to it."""
+        """Plain dicts, saved in the checkpoint with every default filled in from
+        conf/model/default.yaml (a section given in part keeps the rest of the defaults; an
+        unknown key is an error). `scheduler=None` means a constant learning rate. `data` only
+        records which dataset trained the model, so eval.py can default to it."""
         super().__init__()
-        self.save_hyperparameters()
+        conf = conf_defaults("model/default")
+        hp = {
+            "vocab": vocab,
+            "encoder": encoder,
+            "decoder": decoder,
+            "optimizer": _partial_spec("model.optimizer", optimizer, conf["optimizer"]),
+            "scheduler": None
+            if scheduler is None
+            else _partial_spec(
+                "model.scheduler", None if scheduler is FROM_CONF else scheduler, conf["scheduler"]
+            ),
+            "encoder_lr": float(conf["encoder_lr"] if encoder_lr is None else encoder_lr),
+            "loss": checked("model.loss", loss, conf["loss"]),
+            "decoding": checked("model.decoding", decoding, conf["decoding"]),
+            "scst": checked("model.scst", scst, conf["scst"]),
+            "data": data,
+        }
+        self.save_hyperparameters(hp)
         self.vocab = Vocab.from_dict(vocab)
         self.encoder = Encoder(**encoder)
         self.decoder = build_decoder(decoder, len(self.vocab), self.encoder)
@@ -93,14 +96,12 @@ class Captioner(L.LightningModule):
         )
         self._attr_targets: torch.Tensor | None = None  # (rows, K), built at fit start
         self._attr_logits: torch.Tensor | None = None  # (B, K) of the last batch, for the loss
-        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
-        self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
-        self.decoding = {**DEFAULT_DECODING, **(decoding or {})}
-        self.scst = {**DEFAULT_SCST, **(scst or {})}
+        self.loss_cfg, self.decoding, self.scst = hp["loss"], hp["decoding"], hp["scst"]
         if self.scst["baseline"] not in SCST_BASELINES:
             raise UserError(
                 f"model.scst.baseline must be one of {SCST_BASELINES}, got {self.scst['baseline']!r}"
             )
+        self.data_link: DataLink | None = None  # handed over by the data module's setup
         self._cider = None  # in-process CIDEr-D reward (SCST), built from the training references
         self.metrics_cfg: dict[str, Any] = {
             "java": True,
@@ -113,11 +114,22 @@ class Captioner(L.LightningModule):
         self._scorer = None
 
     # -- forward ------------------------------------------------------------------------------
-    def features(self, batch: dict[str, Any]) -> Features:
+    def connect(self, link: DataLink) -> None:
+        """The data module's `setup` hands over what training and scoring need from the data."""
+        self.data_link = link
+
+    def _link(self) -> DataLink:
+        if self.data_link is None:
+            raise RuntimeError(
+                "no data connected: build the data with CaptionDataModule.for_model(data, model)"
+            )
+        return self.data_link
+
+    def features(self, batch: Batch) -> Features:
         """Cached features when the batch has them (two-step), else run the encoder (joint)."""
-        if "pooled" in batch:
-            return self.with_attributes(Features(batch["pooled"], batch.get("grid")))
-        return self.with_attributes(self.encoder(batch["images"], grid=self.decoder.uses_grid))
+        if batch.pooled is not None:
+            return self.with_attributes(Features(batch.pooled, batch.grid))
+        return self.with_attributes(self.encoder(batch.images, grid=self.decoder.uses_grid))
 
     def with_attributes(self, feats: Features) -> Features:
         """Attach the attribute detector's word probabilities (decoder.attributes > 0)."""
@@ -182,18 +194,20 @@ class Captioner(L.LightningModule):
             losses["loss"] = ce + float(self.loss_cfg["attention_reg"]) * reg
         return losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if len(batch) == 0:  # every image of the batch was unreadable (bad_images=skip)
+            return None
         if self.scst["enabled"]:
             return self.scst_step(batch)
         feats = self.features(batch)
-        losses = self.caption_loss(feats, batch["tokens"], self.ss_prob())
+        losses = self.caption_loss(feats, batch.tokens, self.ss_prob())
         if self.attributes is not None and float(self.loss_cfg["attributes"]) > 0:
-            targets = self._attr_targets.to(feats.pooled.device)[batch["rows"]]  # (B, K)
+            targets = self._attr_targets.to(feats.pooled.device)[batch.rows]  # (B, K)
             bce = F.binary_cross_entropy_with_logits(self._attr_logits.float(), targets)
             losses["attributes"] = bce
             losses["loss"] = losses["loss"] + float(self.loss_cfg["attributes"]) * bce
         self._check_finite(losses["loss"])
-        B = batch["tokens"].size(0)
+        B = len(batch)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=B)
         for extra in ("attention_reg", "attributes"):
             if extra in losses:
@@ -216,7 +230,7 @@ class Captioner(L.LightningModule):
         if not bool(torch.isfinite(loss)):
             step = self.trainer.global_step if self._trainer is not None else 0
             raise UserError(
-                f"training diverged: the loss is {float(loss)} at epoch {self.current_epoch}, "
+                f"training diverged: the loss is {float(loss.detach())} at epoch {self.current_epoch}, "
                 f"step {step}. Checkpoints saved before this point are kept and no new one is "
                 "written. Lower model.optim.lr, keep trainer.gradient_clip_val on, or try "
                 "trainer.precision=32-true"
@@ -225,17 +239,15 @@ class Captioner(L.LightningModule):
     # -- self-critical sequence training (Rennie et al. 2017) ----------------------------------
     def on_fit_start(self) -> None:
         if self.attributes is not None:
-            self.setup_attributes(self.trainer.datamodule.train_references_tokens())
+            self.setup_attributes(self._link().train_references())
         if self.scst["enabled"] and self._cider is None:
-            self._cider = scst_reward(
-                self.trainer.datamodule.train_references_tokens(), self.scst["eos_reward"]
-            )
+            self._cider = scst_reward(self._link().train_references(), self.scst["eos_reward"])
 
-    def scst_step(self, batch: dict[str, Any]) -> torch.Tensor:
+    def scst_step(self, batch: Batch) -> torch.Tensor:
         """REINFORCE with CIDEr-D as the reward and a baseline: the model's own greedy caption
         (self-critical) or the mean reward of the other samples of the same image."""
         feats = self.features(batch)
-        rows = batch["rows"]  # (B,) image rows: keys of the training references
+        rows = batch.rows  # (B,) image rows: keys of the training references
         B, K, v = rows.size(0), int(self.scst["num_samples"]), self.vocab
         max_len = int(self.decoding["max_len"])
         tokens, logp = sample(
@@ -271,25 +283,24 @@ class Captioner(L.LightningModule):
         return torch.as_tensor(self._cider(words, ids), dtype=torch.float32, device=tokens.device)
 
     def on_train_epoch_end(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "bad_counts", None):
-            for k, v in dm.bad_counts.items():
+        if self.data_link is not None:
+            for k, v in self.data_link.bad_counts.items():
                 self.log(f"data/bad_images_{k}", float(v), rank_zero_only=True)
 
     # -- evaluation ---------------------------------------------------------------------------
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        if not batch["image_ids"]:
+    def _eval_step(self, batch: Batch) -> None:
+        if not batch.image_ids:
             return
         feats = self.features(batch)
         tokens = self.generate(feats).tokens.tolist()
         self._preds += [
-            (i, self.vocab.decode(t)) for i, t in zip(batch["image_ids"], tokens, strict=True)
+            (i, self.vocab.decode(t)) for i, t in zip(batch.image_ids, tokens, strict=True)
         ]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -298,7 +309,7 @@ class Captioner(L.LightningModule):
         self._preds = []
 
     def on_test_epoch_end(self) -> None:
-        self._score(getattr(self.trainer.datamodule, "split", "test"))
+        self._score(self._link().eval_split)
         self._preds = []
 
     def _score(self, split: str) -> None:
@@ -309,7 +320,7 @@ class Captioner(L.LightningModule):
             log.info("%s: gathered %d captions for %d images", split, len(gathered), len(preds))
         scores: dict[str, float] | None = None
         if self.trainer.is_global_zero:
-            refs = self.trainer.datamodule.references(split)
+            refs = self._link().references(split)
             missing = set(refs) - set(preds)
             if missing:
                 log.warning(
@@ -338,7 +349,7 @@ class Captioner(L.LightningModule):
 
     def scorer(self, meteor: bool = True):
         """The COCO toolkit scorer; METEOR (a JVM that takes ~15 s to start) only when asked."""
-        from imcap.metrics import CaptionScorer
+        from imcap.eval.metrics import CaptionScorer
 
         meteor = meteor and self.metrics_cfg["meteor"]
         if self._scorer is None or (meteor and "METEOR" not in self._scorer.metrics):
@@ -349,32 +360,56 @@ class Captioner(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.optim_cfg
+        """model.optimizer (a partial) over the decoder and attribute parameters, plus the
+        encoder's at model.encoder_lr when it trains; model.scheduler stepped every step."""
         heads = [*self.decoder.parameters()]
         if self.attributes is not None:
             heads += [*self.attributes.parameters()]
-        groups = [{"params": [p for p in heads if p.requires_grad], "lr": o["lr"]}]
+        groups = [{"params": [p for p in heads if p.requires_grad]}]
         enc = [p for p in self.encoder.parameters() if p.requires_grad]
         if enc:
-            groups.append({"params": enc, "lr": o["encoder_lr"]})
-        # foreach: a few multi-tensor kernels per update (fused=True would be faster still, but
-        # Lightning cannot clip gradients of a fused optimizer under mixed precision)
-        opt = torch.optim.AdamW(groups, lr=o["lr"], weight_decay=o["weight_decay"], foreach=True)
-        if o["scheduler"] in (None, "none"):
+            groups.append({"params": enc, "lr": self.hparams.encoder_lr})
+        opt = _build("model.optimizer", self.hparams.optimizer, groups)
+        spec = self.hparams.scheduler
+        if not spec:
             return opt
-        if o["scheduler"] != "cosine":
-            raise UserError(f"model.optim.scheduler must be cosine or none, got {o['scheduler']!r}")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = int(o["warmup_steps"])
 
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        def total() -> int:  # Lightning's estimate needs the data: asked only when wanted
+            return max(1, int(self.trainer.estimated_stepping_batches))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = _build("model.scheduler", spec, opt, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _partial_spec(where: str, given: dict | None, default: dict) -> dict:
+    """A Hydra partial (optimizer, scheduler): the default's arguments under the given ones
+    when the target is the same, the given spec alone when it names another class."""
+    given = dict(given or {})
+    if given.get("_target_", default["_target_"]) != default["_target_"]:
+        return {"_partial_": True, **given}
+    return {**default, **given}
+
+
+def _build(where: str, spec: dict, *args: Any, **maybe: Any) -> Any:
+    """Instantiate a partial spec and call it with `args` and those of the `maybe` keywords it
+    takes (values are thunks, evaluated only then: a StepLR never needs `total_steps`); a bad
+    argument is one line naming the config key."""
+
+    def config_error(e: Exception) -> UserError:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return UserError(f"{where} ({spec.get('_target_')}): {first}")
+
+    try:
+        factory = instantiate(dict(spec))
+        params = inspect.signature(factory.func if hasattr(factory, "func") else factory).parameters
+    except Exception as e:  # noqa: BLE001 - an unknown class or a bad spec
+        raise config_error(e) from None
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {k: thunk() for k, thunk in maybe.items() if takes_any or k in params}
+    try:
+        return factory(*args, **extra)
+    except (TypeError, ValueError) as e:  # an argument the class does not take, a bad value
+        raise config_error(e) from None
 
 
 def scst_advantages(
@@ -396,7 +431,7 @@ def scst_advantages(
 
 def scst_reward(refs: dict[int, list[list[str]]], eos: bool):
     """The in-process CIDEr-D reward over the training references (with <eos> as a word)."""
-    from imcap.metrics import CiderD
+    from imcap.eval.cider import CiderD
 
     if eos:
         refs = {k: [[*r, EOS_WORD] for r in caps] for k, caps in refs.items()}
@@ -413,6 +448,37 @@ def gather_predictions(strategy: Any, local: Sequence[tuple[str, str]]) -> list[
     else:
         merged = list(local)
     return merged
+
+
+_MOVED = {  # class paths of imcap 0.1 checkpoints -> where the classes live now
+    "imcap.decoder.": "imcap.model.decoder.",
+    "imcap.datasets.": "imcap.data.datasets.",
+    "imcap.synthetic.": "imcap.data.synthetic.",
+}
+
+
+def upgrade_hparams(hp: dict) -> dict:
+    """Hyperparameters of a checkpoint written before the package layout and the optimizer
+    config changed, in today's form (so older checkpoints keep loading)."""
+    hp = dict(hp)
+
+    def moved(path: Any) -> Any:
+        for old, new in _MOVED.items():
+            if isinstance(path, str) and path.startswith(old):
+                return new + path[len(old) :]
+        return path
+
+    if isinstance(hp.get("decoder"), dict) and "_target_" in hp["decoder"]:
+        hp["decoder"] = {**hp["decoder"], "_target_": moved(hp["decoder"]["_target_"])}
+    if isinstance(hp.get("data"), dict) and "loader" in hp["data"]:
+        hp["data"] = {**hp["data"], "loader": moved(hp["data"]["loader"])}
+    optim = hp.pop("optim", None)
+    if isinstance(optim, dict):  # {lr, weight_decay, encoder_lr, scheduler, warmup_steps}
+        hp["optimizer"] = {"lr": optim.get("lr"), "weight_decay": optim.get("weight_decay", 0.0)}
+        hp["encoder_lr"] = optim.get("encoder_lr")
+        cosine = optim.get("scheduler", "cosine") == "cosine"
+        hp["scheduler"] = {"warmup_steps": optim.get("warmup_steps", 0)} if cosine else None
+    return hp
 
 
 def read_checkpoint(p: Path) -> dict:
@@ -447,7 +513,7 @@ def load_captioner(
         raise UserError(
             f"{p} is not an imcap checkpoint (no vocabulary inside); train one with src/train.py"
         )
-    hp = {**hp, **overrides}
+    hp = {**upgrade_hparams(hp), **overrides}
     hp["encoder"] = {**hp["encoder"], "pretrained": False}  # weights come from the checkpoint
     model = Captioner(**hp)
     try:

@@ -1,0 +1,1 @@
+"""Model layer: encoder -> attributes -> decoder -> decoding -> Captioner (uses data and eval)."""

@@ -1,0 +1,129 @@
+"""The package's shape: layers import only downward, config mistakes are one line naming the key,
+the optimizer and scheduler swap by config, and older checkpoints' hyperparameters still load."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose_train, tiny_overrides
+
+from imcap.config import conf_defaults, preflight
+from imcap.data.text import Vocab
+from imcap.errors import UserError
+from imcap.model.module import Captioner, upgrade_hparams
+from imcap.pipeline.datamodule import data_options
+from imcap.pipeline.run import build_model
+
+PKG = ROOT / "src" / "imcap"
+LAYERS = ["data", "eval", "model", "pipeline"]  # each may import only those before it
+BASE = {"errors", "config"}  # imported by every layer, import no layer
+
+
+def imcap_imports(path: Path) -> set[str]:
+    """The imcap modules a file imports (top level and inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("imcap."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("imcap.")}
+    return found
+
+
+def test_layers_import_only_downward() -> None:
+    seen = 0
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        layer = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        for mod in imcap_imports(path):
+            target = mod.split(".")[1]
+            seen += 1
+            if layer in BASE:
+                assert target in BASE, f"{rel} imports {mod}: the base modules import no layer"
+            elif layer in LAYERS and target in LAYERS:
+                assert LAYERS.index(target) <= LAYERS.index(layer), f"{rel} imports {mod} (upward)"
+    assert seen > 30  # the walk really saw the package's imports
+
+
+def test_misspelt_key_on_the_command_line_is_one_line_naming_the_valid_keys(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        preflight("train", ["data.bach_size=8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "'data.bach_size'" in err and "batch_size" in err and "eval_batch_size" in err
+    with pytest.raises(SystemExit):
+        preflight("train", ["encoder=resnet5"])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "encoder/resnet5" in err and "resnet50" in err
+    preflight("train", ["data.batch_size=8", "decoder=gru"])  # a valid line passes silently
+    assert capsys.readouterr().err == ""
+
+
+def test_added_unknown_keys_are_refused_by_the_code() -> None:
+    """`+data.bach_size=8` gets past Hydra; the data module and the model refuse it by name."""
+    with pytest.raises(UserError, match=r"data\.bach_size.*valid keys under data: .*batch_size"):
+        data_options({"name": "x", "root": "/tmp", "bach_size": 8})
+    with pytest.raises(UserError, match=r"data\.vocab\.min_cont"):
+        data_options({"name": "x", "root": "/tmp", "vocab": {"min_cont": 2}})
+    vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
+    with pytest.raises(UserError, match=r"model\.loss\.label_smothing"):
+        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8},
+                  loss={"label_smothing": 0.1})  # fmt: skip
+
+
+def test_defaults_come_from_the_configs(tmp_path: Path) -> None:
+    """A model built without Hydra gets conf/model/default.yaml's values, and they are saved."""
+    vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
+    m = Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, loss={})
+    conf = conf_defaults("model/default")
+    assert m.hparams.loss == conf["loss"] and m.hparams.optimizer == conf["optimizer"]
+    assert m.decoding == conf["decoding"] and m.hparams.encoder_lr == conf["encoder_lr"]
+    opts = data_options({"name": "x", "root": str(tmp_path)})
+    assert opts["batch_size"] == conf_defaults("data/_base")["batch_size"]
+
+
+def test_optimizer_and_scheduler_swap_by_config(tmp_path: Path) -> None:
+    cfg = compose_train(
+        tiny_overrides(
+            tmp_path,
+            "model.optimizer._target_=torch.optim.SGD",
+            "+model.optimizer.momentum=0.9",
+            "~model.optimizer.foreach",
+            "model.scheduler._target_=torch.optim.lr_scheduler.StepLR",
+            "~model.scheduler.warmup_steps",
+            "+model.scheduler.step_size=7",
+        )
+    )
+    model = build_model(cfg)
+    out = model.configure_optimizers()  # StepLR takes no total_steps: no trainer needed
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    assert opt.defaults["lr"] == pytest.approx(3e-3)  # tiny_overrides' model.optimizer.lr
+    assert isinstance(sched, torch.optim.lr_scheduler.StepLR) and sched.step_size == 7
+    model.hparams.scheduler = None  # model.scheduler=null: a constant rate
+    assert isinstance(model.configure_optimizers(), torch.optim.SGD)
+    model.hparams.optimizer = {**model.hparams.optimizer, "nesterov_typo": True}
+    with pytest.raises(UserError, match=r"model\.optimizer \(torch\.optim\.SGD\).*nesterov_typo"):
+        model.configure_optimizers()
+
+
+def test_checkpoints_written_before_the_layout_change_still_load() -> None:
+    old = {
+        "vocab": Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict(),
+        "encoder": {"name": "resnet18", "pretrained": False},
+        "decoder": {"_target_": "imcap.decoder.ShowTellDecoder", "hidden_dim": 8, "embed_dim": 8},
+        "optim": {"lr": 1e-3, "weight_decay": 0.0, "encoder_lr": 2e-5, "scheduler": "none"},
+        "loss": {"label_smoothing": 0.1},
+        "decoding": {"beam_size": 1, "max_len": 5, "length_penalty": 0.0},
+        "data": {"name": "flickr8k", "loader": "imcap.datasets.load_records"},
+    }
+    hp = upgrade_hparams(old)
+    assert hp["decoder"]["_target_"] == "imcap.model.decoder.ShowTellDecoder"
+    assert hp["data"]["loader"] == "imcap.data.datasets.load_records"
+    assert hp["scheduler"] is None and hp["encoder_lr"] == 2e-5 and "optim" not in hp
+    m = Captioner(**hp)
+    assert m.hparams.optimizer["lr"] == 1e-3 and m.hparams.scheduler is None
