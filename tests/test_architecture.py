@@ -127,3 +127,25 @@ def test_checkpoints_written_before_the_layout_change_still_load() -> None:
     assert hp["scheduler"] is None and hp["encoder_lr"] == 2e-5 and "optim" not in hp
     m = Captioner(**hp)
     assert m.hparams.optimizer["lr"] == 1e-3 and m.hparams.scheduler is None
+
+
+def test_console_entry_points_and_python_m_imcap() -> None:
+    """`make install` puts imcap-train/-eval/-caption/-prepare on PATH; `python -m imcap <task>`
+    works too; both answer --help without importing torch (fast) and check keys first."""
+    import subprocess
+    import sys
+
+    bindir = Path(sys.executable).parent
+    for name in ("imcap-train", "imcap-eval", "imcap-caption", "imcap-prepare"):
+        assert (bindir / name).is_file(), f"{name} is not installed: run make install"
+    res = subprocess.run(
+        [str(bindir / "imcap-caption"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and "images=FILE|DIR" in res.stdout, res.stderr[-500:]
+    res = subprocess.run(
+        [sys.executable, "-m", "imcap", "train", "data.bach_size=8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "data.bach_size" in res.stderr

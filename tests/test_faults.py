@@ -207,3 +207,90 @@ def test_decompression_bombs_are_skipped_or_named_never_decoded(tmp_path: Path) 
     strict = ImageFiles([over_pillows], lambda im: im.size, bad_images="error")
     with pytest.raises(UserError, match="huge.png"):
         strict[0]
+
+
+# -- reproducibility ---------------------------------------------------------------------------------
+def test_same_seed_same_run_with_a_cold_or_a_warm_feature_cache(tmp_path: Path) -> None:
+    """The first run extracts features (cold cache), the second reads them (warm): the same."""
+    from conftest import compose_train
+
+    from imcap.pipeline.run import train
+
+    scores = []
+    for name in ("cold", "warm"):
+        out = tmp_path / name
+        train(compose_train(tiny_overrides(tmp_path, "trainer.max_epochs=2", "test=false",
+                                           f"paths.output_dir={out}")))  # fmt: skip
+        metrics = json.loads((out / "metrics.json").read_text())
+        scores.append((metrics["val"]["CIDEr"], metrics["val"]["BLEU-4"]))
+    assert scores[0] == scores[1]
+
+
+# -- values a run would accept and then misbehave on ------------------------------------------------
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"batch_size": 0}, r"data\.batch_size must be a whole number >= 1, got 0"),
+        ({"eval_batch_size": -4}, r"data\.eval_batch_size"),
+        ({"vocab": {"max_len": 0}}, r"data\.vocab\.max_len"),
+        ({"num_workers": -1}, r"data\.num_workers"),
+        ({"max_train_images": 0}, r"data\.max_train_images"),
+    ],
+)
+def test_bad_data_values_are_one_line(data: dict, match: str, tmp_path: Path) -> None:
+    from imcap.pipeline.datamodule import data_options
+
+    with pytest.raises(UserError, match=match):
+        data_options({"name": "x", "root": str(tmp_path), **data})
+
+
+@pytest.mark.parametrize(
+    ("decoding", "match"),
+    [
+        ({"beam_size": 0}, r"model\.decoding\.beam_size must be a whole number >= 1, got 0"),
+        ({"max_len": 0}, r"model\.decoding\.max_len"),
+        ({"length_penalty": -1.0}, r"model\.decoding\.length_penalty"),
+    ],
+)
+def test_bad_decoding_values_are_one_line(decoding: dict, match: str) -> None:
+    from imcap.data.text import Vocab
+    from imcap.model.module import Captioner
+
+    vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
+    with pytest.raises(UserError, match=match):
+        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, decoding=decoding)
+
+
+def test_zero_epochs_is_refused_before_any_work(tmp_path: Path) -> None:
+    from conftest import compose_train
+
+    from imcap.pipeline.run import train
+
+    with pytest.raises(UserError, match=r"trainer\.max_epochs must be"):
+        train(compose_train(tiny_overrides(tmp_path, "trainer.max_epochs=0")))
+    assert not (tmp_path / "cache").exists()  # refused before extraction
+
+
+# -- annotation files cannot point outside the dataset -----------------------------------------------
+@pytest.mark.parametrize("name", ["../outside.jpg", "ABS"])
+def test_image_paths_escaping_the_root_are_refused(name: str, tmp_path: Path) -> None:
+    """A Karpathy JSON naming `../x.jpg` or an absolute path would read any file on the machine
+    (here: a real JPEG next to the dataset, which would otherwise train silently)."""
+    from PIL import Image
+
+    from imcap.data.datasets import load_records
+
+    root = tmp_path / "flickr8k"
+    (root / "Images").mkdir(parents=True)
+    outside = tmp_path / "Images_outside" / "outside.jpg"
+    outside.parent.mkdir()
+    for p in (root / "Images" / "a.jpg", root / "Images" / "b.jpg", outside):
+        Image.new("RGB", (8, 8), "red").save(p)
+    bad = str(outside) if name == "ABS" else f"../../Images_outside/{Path(name).name}"
+    images = [
+        {"filename": f, "split": s, "sentences": [{"raw": "a red square .", "tokens": []}]}
+        for f, s in (("a.jpg", "train"), ("b.jpg", "val"), (bad, "train"))
+    ]
+    (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(UserError, match=r"1 image path\(s\) named in .* point outside"):
+        load_records("flickr8k", root)

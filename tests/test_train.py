@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import LEARN, cli, compose_train, run_dir, tiny_overrides
 
+from imcap.errors import UserError
 from imcap.model.module import Captioner, load_captioner
 from imcap.pipeline.datamodule import CaptionDataModule
 from imcap.pipeline.run import build_model, plain, train
@@ -68,7 +69,7 @@ def test_run_writes_what_it_promises(trained: dict) -> None:
 
 
 def test_checkpoint_is_self_describing_and_reproduces_captions(trained: dict) -> None:
-    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert hp["vocab"]["tokens"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
     assert hp["decoder"]["_target_"] == "imcap.model.decoder.ShowTellDecoder"
@@ -91,6 +92,15 @@ def test_checkpoint_is_self_describing_and_reproduces_captions(trained: dict) ->
     tf = make_transform(model.encoder.data_config)
     images = torch.stack([tf(load_image(p)) for p in paths])
     assert model.caption(images) == [r["caption"] for r in rows]
+    # the file API does the reading and the transform itself
+    assert again.caption_files(paths, batch_size=3) == [r["caption"] for r in rows]
+
+
+def test_caption_files_names_an_unreadable_file(trained: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_text("hello")
+    with pytest.raises(UserError, match="not_an_image.jpg"):
+        load_captioner(trained["ckpt"]).caption_files([bad])
 
 
 def test_eval_cli_scores_a_checkpoint(trained: dict, shared: Path, tmp_path: Path) -> None:

@@ -568,6 +568,7 @@ def _assemble(
             src.path,
             ", ".join(no_caps[:3]),
         )
+    _refuse_escapes(src, root, opts, splits)
     index = index or _DirIndex()
     records: list[ImageRecord] = []
     missing: list[Path] = []
@@ -608,6 +609,28 @@ def _assemble(
         split_desc,
     )
     return records
+
+
+def _refuse_escapes(src: _Source, root: Path, opts: dict[str, Any], splits: Mapping) -> None:
+    """Image names from an annotation file must stay inside data.root (or the configured
+    image_dir): a `../` or absolute `filename` would read any file on the machine. Checked on
+    the names as written (no symlink resolution, so a dataset folder may be a link)."""
+    bases = [os.path.normpath(root)]
+    image_dir = _resolve(root, opts.get("image_dir"))
+    if image_dir is not None:
+        bases.append(os.path.normpath(image_dir))
+
+    def inside(p: Path) -> bool:
+        q = os.path.normpath(p)
+        return any(q == b or q.startswith(b.rstrip(os.sep) + os.sep) for b in bases)
+
+    escaped = [str(src.paths[i]) for i in splits if i in src.paths and not inside(src.paths[i])]
+    if escaped:
+        raise UserError(
+            f"{len(escaped)} image path(s) named in {src.path} point outside {root} "
+            f"(e.g. {', '.join(escaped[:3])}): refusing to read them; fix the annotation file, "
+            "or set data.source.image_dir if the images really live elsewhere"
+        )
 
 
 def _unknown_layout(name: str, root: Path, what: str) -> UserError:

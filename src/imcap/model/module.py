@@ -97,6 +97,7 @@ class Captioner(L.LightningModule):
         self._attr_targets: torch.Tensor | None = None  # (rows, K), built at fit start
         self._attr_logits: torch.Tensor | None = None  # (B, K) of the last batch, for the loss
         self.loss_cfg, self.decoding, self.scst = hp["loss"], hp["decoding"], hp["scst"]
+        check_decoding(self.decoding)
         if self.scst["baseline"] not in SCST_BASELINES:
             raise UserError(
                 f"model.scst.baseline must be one of {SCST_BASELINES}, got {self.scst['baseline']!r}"
@@ -156,6 +157,27 @@ class Captioner(L.LightningModule):
         """Captions for a batch of transformed images (B, 3, H, W)."""
         feats = self.encoder(images.to(self.device), grid=self.decoder.uses_grid)
         return [self.vocab.decode(t) for t in self.generate(feats, beam_size).tokens.tolist()]
+
+    @torch.no_grad()
+    def caption_files(
+        self, paths: Sequence[str | Path], beam_size: int | None = None, batch_size: int = 16
+    ) -> list[str]:
+        """Captions for image files, read and transformed as the encoder expects."""
+        from imcap.data.images import BAD_IMAGE_ERRORS, load_image, make_transform
+
+        transform = make_transform(self.encoder.data_config)
+        was_training, captions = self.training, []
+        self.eval()
+        for i in range(0, len(paths), batch_size):
+            images = []
+            for p in paths[i : i + batch_size]:
+                try:
+                    images.append(transform(load_image(p)))
+                except BAD_IMAGE_ERRORS as e:
+                    raise UserError(f"cannot read image {p}: {e}") from None
+            captions += self.caption(torch.stack(images), beam_size)
+        self.train(was_training)
+        return captions
 
     # -- training -----------------------------------------------------------------------------
     def ss_prob(self, epoch: int | None = None) -> float:
@@ -379,6 +401,16 @@ class Captioner(L.LightningModule):
 
         sched = _build("model.scheduler", spec, opt, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_decoding(d: dict) -> None:
+    """Decoding settings a run would otherwise accept and then misbehave on, as one line."""
+    for key in ("beam_size", "max_len"):
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"model.decoding.{key} must be a whole number >= 1, got {v!r}")
+    if not isinstance(d["length_penalty"], int | float) or d["length_penalty"] < 0:
+        raise UserError(f"model.decoding.length_penalty must be >= 0, got {d['length_penalty']!r}")
 
 
 def _partial_spec(where: str, given: dict | None, default: dict) -> dict:

@@ -15,12 +15,14 @@ come from `references(split)`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import pydoc
+import random
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,36 @@ def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = No
     for key in ("name", "root"):
         if opts[key] in (None, "???"):
             raise UserError(f"data.{key} is not set: choose a dataset, e.g. data=flickr8k")
+    positive = {
+        "batch_size": opts["batch_size"],
+        "eval_batch_size": opts["eval_batch_size"],
+        "vocab.max_len": opts["vocab"]["max_len"],
+        "vocab.min_count": opts["vocab"]["min_count"],
+    }
+    for key in ("max_train_images", "max_eval_images", "captions_per_image"):
+        if opts[key] is not None:
+            positive[key] = opts[key]
+    for key, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"data.{key} must be a whole number >= 1, got {value!r}")
+    if not isinstance(opts["num_workers"], int) or opts["num_workers"] < 0:
+        raise UserError(
+            f"data.num_workers must be a whole number >= 0, got {opts['num_workers']!r}"
+        )
     return opts
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without moving Python's, NumPy's or torch's (CPU and CUDA) random state."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
 
 def encode_caption(vocab: Vocab, caption: str) -> list[int]:
@@ -335,17 +366,21 @@ class CaptionDataModule(L.LightningDataModule):
                     "build the data module with CaptionDataModule.for_model(data, model)"
                 )
             paths = [r.path for r in self._all_records()]
-            self.cache = ensure_features(
-                self.encoder,
-                paths,
-                self.cache_dir,
-                self.name,
-                grid=self.grid,
-                batch_size=self.eval_batch_size,
-                num_workers=self.num_workers,
-                bad_images=self.bad_images,
-                precision=self.extract_precision,
-            )
+            # Extraction draws random numbers (a DataLoader seeds its workers from torch's
+            # generator) only when the cache is cold: keep them out of the run's streams, so
+            # a seed gives the same run with a cold or a warm cache.
+            with preserved_rng():
+                self.cache = ensure_features(
+                    self.encoder,
+                    paths,
+                    self.cache_dir,
+                    self.name,
+                    grid=self.grid,
+                    batch_size=self.eval_batch_size,
+                    num_workers=self.num_workers,
+                    bad_images=self.bad_images,
+                    precision=self.extract_precision,
+                )
             if self.cache.bad:
                 self.bad_counts["extraction"] = len(self.cache.bad)
         return self.cache

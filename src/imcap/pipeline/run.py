@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from imcap.data.images import ImageFiles, collate_images, list_images, make_transform
 from imcap.errors import UserError
-from imcap.model.module import Captioner, load_captioner, read_checkpoint
+from imcap.model.module import Captioner, check_decoding, load_captioner, read_checkpoint
 from imcap.pipeline.datamodule import CaptionDataModule
 
 log = logging.getLogger(__name__)
+
+
+# Known and harmless, printed by every run (so people stop reading warnings): silenced here.
+_HARMLESS = (
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a torch API it will update
+    r"Found \d+ module\(s\) in eval mode.*",  # the frozen encoder stays in eval mode on purpose
+    r"Precision .* is not supported by the model summary.*",  # the size column is approximate
+    r"Detected pickle protocol \d+ in the checkpoint.*",  # Lightning writes protocol 4; loads fine
+)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage().lower()
+
+
+def quiet_known_noise() -> None:
+    """Silence warnings a user cannot act on; everything else still prints."""
+    for pattern in _HARMLESS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
 
 
 def plain(cfg: Any) -> Any:
@@ -122,9 +144,13 @@ def stopped_message(trainer: L.Trainer, why: str) -> str:
 def train(cfg: DictConfig) -> float | None:
     """Fit, select the best checkpoint on val/CIDEr, test it; returns the optimized metric."""
     started = time.perf_counter()
+    quiet_known_noise()
     out = output_dir(cfg)
     check_metrics_env(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and (not isinstance(epochs, int) or epochs == 0 or epochs < -1):
+        raise UserError(f"trainer.max_epochs must be a whole number >= 1 (or -1), got {epochs!r}")
     finetune = (cfg.get("callbacks") or {}).get("finetune") or {}
     if cfg.mode == "two_step" and (
         cfg.encoder.trainable or finetune.get("start_epoch") is not None
@@ -273,6 +299,7 @@ def summary(out: Path, ckpt: str | None, results: dict, samples: Path | None) ->
 # -- eval.py ----------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint on a split: metrics JSON + per-image captions JSON."""
+    quiet_known_noise()
     out = output_dir(cfg)
     check_metrics_env(cfg)
     model = load_captioner(cfg.ckpt_path)
@@ -319,7 +346,11 @@ def apply_decoding_overrides(model: Captioner, cfg: DictConfig) -> None:
             continue
         if key not in model.decoding:
             raise UserError(f"unknown decoding option model.{key}; known: {sorted(model.decoding)}")
-        model.decoding[key] = type(model.decoding[key])(value)
+        try:
+            model.decoding[key] = type(model.decoding[key])(value)
+        except (TypeError, ValueError):
+            raise UserError(f"model.{key}={value!r} is not a number") from None
+    check_decoding(model.decoding)
 
 
 # -- caption.py -------------------------------------------------------------------------------
@@ -327,6 +358,7 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
     """Caption new images (a file, a folder, or a list) and write them as JSON."""
     if cfg.get("images") is None:
         raise UserError("give images=<image file, folder, or [list]>")
+    quiet_known_noise()
     out = output_dir(cfg)
     device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
     model = load_captioner(cfg.ckpt_path, map_location=device)
