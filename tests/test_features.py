@@ -249,3 +249,35 @@ def test_gpu_decode_path_decodes_jpeg_bytes_like_the_cpu_transform(tmp_path: Pat
         assert a.image_ids == b.image_ids
         # bicubic on tensors vs PIL: close, not bit-equal (normalised units, range ~[-2, 2.6])
         assert (a.images - b.images).abs().mean() < 0.05
+
+
+def test_bad_images_error_policy_holds_with_a_warm_cache_and_fixed_files_come_back(
+    tmp_path: Path,
+) -> None:
+    recs = records(tmp_path)
+    recs[2].path.write_bytes(b"garbage")
+    skip = datamodule(tmp_path, recs, "two_step")  # builds the cache, row 2 marked unreadable
+    assert skip.cache.bad == {2}
+    with pytest.raises(UserError, match=r"1 image\(s\) could not be read .*img002"):
+        datamodule(tmp_path, recs, "two_step", bad_images="error")  # same (warm) cache
+    Image.new("RGB", (48, 48), "blue").save(recs[2].path, format="PNG")  # fixed in place
+    fixed = datamodule(tmp_path, recs, "two_step", bad_images="error")
+    assert fixed.cache.bad == set() and fixed.cache.directory != skip.cache.directory
+
+
+def test_a_missing_image_file_stops_an_error_run_and_is_skipped_otherwise(tmp_path: Path) -> None:
+    from imcap.data.datasets import load_records
+
+    root = tmp_path / "flickr8k"
+    (root / "Images").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8), "red").save(root / "Images" / name)
+    names = (("a.jpg", "train"), ("b.jpg", "val"), ("c.jpg", "train"), ("gone.jpg", "train"))
+    images = [
+        {"filename": f, "split": s, "sentences": [{"raw": "a red square .", "tokens": []}]}
+        for f, s in names
+    ]
+    (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
+    assert len(load_records("flickr8k", root)) == 3  # skip (the default): left out, warned
+    with pytest.raises(UserError, match=r"1 image file\(s\) named in .* are missing .*gone.jpg"):
+        load_records("flickr8k", root, bad_images="error")

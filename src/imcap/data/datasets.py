@@ -101,11 +101,16 @@ _STRAY_ID = re.compile(r"^(.+\.(?:jpe?g|png))\.\d+$", re.IGNORECASE)  # 22582771
 _NUMBERED = re.compile(r"^\s*(\d+)\s+(.*)$", re.DOTALL)  # results.csv row "4   A dog runs ..."
 
 
-def load_records(name: str, root: str | Path, **source: Any) -> list[ImageRecord]:
-    """All image records of dataset `name` under `root`, train then val then test, by image id."""
+def load_records(
+    name: str, root: str | Path, bad_images: str = "skip", **source: Any
+) -> list[ImageRecord]:
+    """All image records of dataset `name` under `root`, train then val then test, by image id.
+
+    An image file named by the annotations but missing is left out with a warning, or with
+    `bad_images="error"` (data.bad_images) stops the load naming it."""
     if name not in LAYOUTS:
         raise UserError(f"unknown dataset {name!r}: expected one of {sorted(LAYOUTS)} (data=...)")
-    opts = _options(name, source)
+    opts = {**_options(name, source), "bad_images": bad_images}
     if root is None or str(root) in ("", "???"):
         raise UserError(f"data.root is not set for {name}; fix: set data.root=/path/to/{name}")
     root = Path(root).expanduser()
@@ -587,6 +592,12 @@ def _assemble(
             f"none of the {len(missing)} images named in {src.path} exist (looked in "
             f"{', '.join(folders[:3])}; e.g. {missing[0].name}); fix: {LAYOUTS[src.name].fix}, "
             "or set data.source.image_dir to the image folder"
+        )
+    if missing and opts.get("bad_images") == "error":
+        raise UserError(
+            f"{len(missing)} image file(s) named in {src.path} are missing (e.g. "
+            f"{', '.join(str(p) for p in missing[:3])}); restore them, or set "
+            "data.bad_images=skip to train without them"
         )
     if missing:
         log.warning(

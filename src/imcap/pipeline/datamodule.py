@@ -291,8 +291,11 @@ class CaptionDataModule(L.LightningDataModule):
             if not callable(fn):
                 raise UserError(f"data.loader '{self.loader}' is not an importable function")
             kwargs = dict(self.source)
-            if "name" in inspect.signature(fn).parameters:
+            takes = inspect.signature(fn).parameters
+            if "name" in takes:
                 kwargs["name"] = self.name
+            if "bad_images" in takes:  # a missing image file: skipped, or an error
+                kwargs["bad_images"] = self.bad_images
             records = fn(root=self.root, **kwargs)
             by_split: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
             for r in records:
@@ -380,6 +383,13 @@ class CaptionDataModule(L.LightningDataModule):
                     num_workers=self.num_workers,
                     bad_images=self.bad_images,
                     precision=self.extract_precision,
+                )
+            if self.cache.bad and self.bad_images == "error":  # also when the cache is warm
+                paths = [str(self._all_records()[i].path) for i in sorted(self.cache.bad)[:3]]
+                raise UserError(
+                    f"{len(self.cache.bad)} image(s) could not be read when the feature cache "
+                    f"{self.cache.directory} was built (e.g. {', '.join(paths)}); fix or remove "
+                    "them and delete that cache folder, or set data.bad_images=skip"
                 )
             if self.cache.bad:
                 self.bad_counts["extraction"] = len(self.cache.bad)

@@ -38,7 +38,7 @@ from imcap.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images keyed on size and mtime too
 
 
 @dataclass
@@ -68,9 +68,7 @@ def cache_key(
             k: list(v) if isinstance(v, tuple) else v for k, v in encoder.data_config.items()
         },
         "dataset": dataset,
-        "images_sha1": hashlib.sha1(
-            "\n".join(str(Path(p).resolve()) for p in paths).encode()
-        ).hexdigest(),
+        "images_sha1": hashlib.sha1("\n".join(_file_ident(p) for p in paths).encode()).hexdigest(),
         "num_images": len(paths),
         "grid": grid,
         "precision": precision,  # bfloat16 features differ from float32 ones by ~3% (relative)
@@ -81,6 +79,17 @@ def cache_key(
         json.dumps({k: v for k, v in ident.items() if k != "weights"}, sort_keys=True).encode()
     ).hexdigest()[:16]
     return key, ident
+
+
+def _file_ident(path: Path) -> str:
+    """A file's path, size and modification time: an image fixed or replaced in place (same
+    name) gets new features instead of its old ones, or its old "unreadable" mark."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return f"{p}\tmissing"
+    return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
 
 
 @contextmanager
