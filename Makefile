@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.install.stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all lint format clean bench bench-data recipe
+.PHONY: help install train test test-slow test-all lint format clean clean-cache bench bench-data recipe
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +49,12 @@ recipe: $(STAMP) ## the best Flickr8k recipe end to end (DATA=<flickr8k root>): 
 	$(PY) -m pip install -q -e ".[weights]"
 	$(PY) bench/recipe.py --data-root $(DATA) $(ARGS)
 
-clean: ## remove run outputs and caches (keeps .venv and data/)
+clean: ## remove run outputs and tool caches; keeps .venv, data/ and the feature caches
+	@echo "removing outputs/ lightning_logs/ wandb/ and tool caches; keeping .venv, data/ and $(CACHE)/ (make clean-cache)"
 	rm -rf outputs .pytest_cache .ruff_cache lightning_logs wandb
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+CACHE ?= $(or $(IMCAP_CACHE_DIR),.cache)
+clean-cache: ## remove the feature caches (GBs; re-extracted on the next two-step run)
+	@du -sh $(CACHE)/features 2>/dev/null || echo "no feature cache in $(CACHE)/features"
+	rm -rf $(CACHE)/features

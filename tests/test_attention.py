@@ -105,3 +105,37 @@ def test_attention_figure_is_written_and_not_blank(tmp_path) -> None:
     assert pixels.shape[0] > 100 and pixels.shape[1] > 300
     assert pixels.std() > 20  # a real picture, not a blank canvas
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # heat-map colours present
+
+
+def test_attention_words_show_eos_only_when_decoding_stopped() -> None:
+    from imcap.eval.viz import attention_words
+
+    assert attention_words("a dog runs", max_len=20) == ["a", "dog", "runs", "<eos>"]
+    assert attention_words("a b c d", max_len=4) == ["a", "b", "c", "d"]  # cut at max_len
+
+
+def test_attention_figure_title_is_the_whole_caption_inside_the_figure(tmp_path, monkeypatch):
+    """The caption is drawn whole (wrapped), within the figure's bounds, not clipped."""
+    import matplotlib.figure
+
+    from imcap.eval.viz import attention_figure
+
+    img = tmp_path / "img.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(img)
+    words = ["a", "man", "in", "a", "red", "jacket", "is", "climbing", "a", "very", "tall", "and", "steep", "rock", "wall"]
+    seen = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        fig.canvas.draw()
+        title = fig._suptitle
+        seen["text"] = title.get_text()
+        seen["inside"] = fig.bbox.contains(*title.get_window_extent().p0) and fig.bbox.contains(
+            *title.get_window_extent().p1
+        )
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    alphas = torch.softmax(torch.randn(len(words), 49), -1)
+    attention_figure(img, words, alphas, tmp_path / "fig.png")
+    assert seen["text"].split() == words and seen["inside"]

@@ -3,6 +3,7 @@ eval.py and caption.py work on a trained checkpoint, and bad input gives one-lin
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -264,3 +265,19 @@ def test_per_epoch_samples_show_that_epochs_captions(trained: dict) -> None:
     }
     # the best epoch's samples are the captions the re-validated best checkpoint writes
     assert samples and all(final[s["image_id"]] == s["caption"] for s in samples)
+
+
+def test_metrics_csv_names_the_best_checkpoints_revalidation_apart(trained: dict) -> None:
+    """One val/ row per epoch; the re-validation of the best checkpoint after fitting is logged
+    as val_best/ (its row carries the last epoch's number, so val/ would mislabel it)."""
+    with (trained["out"] / "csv" / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    per_epoch = [r for r in rows if r.get("val/CIDEr")]
+    best = [r for r in rows if r.get("val_best/CIDEr")]
+    assert (
+        len({r["epoch"] for r in per_epoch})
+        == len(per_epoch)
+        == len(trained["metrics"]["epoch_seconds"])
+    )
+    assert len(best) == 1
+    assert float(best[0]["val_best/CIDEr"]) == pytest.approx(trained["metrics"]["val"]["CIDEr"])

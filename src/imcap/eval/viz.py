@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,13 @@ def region_grid(alphas: torch.Tensor) -> torch.Tensor:
     return alphas.reshape(T, side, side)
 
 
+def attention_words(caption: str, max_len: int) -> list[str]:
+    """The words that have an attention step: the caption's, plus `<eos>` only when decoding
+    chose to stop (a caption cut at max_len has no end step to show)."""
+    words = caption.split()
+    return words + ["<eos>"] if len(words) < max_len else words
+
+
 def attention_figure(
     image: str | Path,
     words: Sequence[str],
@@ -44,11 +52,13 @@ def attention_figure(
     ]  # (n, H, W)
     cols = min(5, n + 1)
     rows = math.ceil((n + 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.2 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(img)
-    axes.flat[0].set_title(" ".join(words[:n]).replace("<eos>", "").strip()[:40], fontsize=8)
+    caption = " ".join(w for w in words[:n] if w != "<eos>")
+    # the whole caption above the panels, wrapped to the figure's width (~12 characters an inch)
+    fig.suptitle(textwrap.fill(caption, width=max(20, int(11 * 2.0 * cols))), fontsize=10)
     for i in range(n):
         a = up[i].numpy()
         a = (a - a.min()) / (a.max() - a.min() + 1e-8)
@@ -56,7 +66,7 @@ def attention_figure(
         ax.imshow(img)
         ax.imshow(a, cmap="jet", alpha=0.5)
         ax.set_title(words[i], fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.2 * rows + 0.4)))  # room for the caption
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=72)

@@ -359,9 +359,12 @@ class Captioner(L.LightningModule):
         scores = self.trainer.strategy.broadcast(scores, src=0)
         self.predictions[split] = preds
         self.scores[split] = scores
+        # train.py re-validates the best checkpoint after fitting: its row in metrics.csv carries
+        # the last epoch's number, so its metrics are named apart (val_best/CIDEr)
+        prefix = f"{split}_best" if self.trainer.state.fn == "validate" else split
         for name, value in scores.items():
             self.log(
-                f"{split}/{name}", value, prog_bar=name in ("CIDEr", "BLEU-4"), sync_dist=False
+                f"{prefix}/{name}", value, prog_bar=name in ("CIDEr", "BLEU-4"), sync_dist=False
             )
 
     def teardown(self, stage: str) -> None:

@@ -256,7 +256,7 @@ class AttentionMaps(L.Callback):
             return
         if not getattr(pl_module.decoder, "uses_grid", False):
             return
-        from imcap.eval.viz import attention_figure
+        from imcap.eval.viz import attention_figure, attention_words
 
         link = pl_module.data_link
         preds = getattr(pl_module, "predictions", {}).get("val") or link.references("val")
@@ -267,7 +267,8 @@ class AttentionMaps(L.Callback):
         tag = f"epoch_{trainer.current_epoch:03d}" if trainer.state.fn == "fit" else "best"
         figures = []
         for j, image_id in enumerate(ids):
-            words = pl_module.vocab.decode(out.tokens[j].tolist()).split() + ["<eos>"]
+            caption = pl_module.vocab.decode(out.tokens[j].tolist())
+            words = attention_words(caption, int(pl_module.decoding["max_len"]))
             target = Path(self.dirpath) / tag / f"{image_id}.png"
             figures.append(
                 attention_figure(

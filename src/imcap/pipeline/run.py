@@ -403,15 +403,16 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
 
 def save_attention(model: Captioner, path: Path, dec: Any, j: int, out: Path) -> Path:
     """Per-word attention figure (attention decoders only)."""
-    from imcap.eval.viz import attention_figure
+    from imcap.eval.viz import attention_figure, attention_words
 
     if dec.alphas is None:
         raise UserError(
-            "attention=true needs an attention decoder (decoder=lstm_attention or gru_attention)"
+            "attention=true needs an attention decoder "
+            "(decoder=lstm_attention, gru_attention or topdown)"
         )
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{Path(path).stem}.png"
     tokens = dec.tokens[j].tolist()
-    words = model.vocab.decode(tokens).split()
-    attention_figure(path, words + ["<eos>"], dec.alphas[j].float().cpu(), target)
+    words = attention_words(model.vocab.decode(tokens), int(model.decoding["max_len"]))
+    attention_figure(path, words, dec.alphas[j].float().cpu(), target)
     return target
