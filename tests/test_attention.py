@@ -122,7 +122,23 @@ def test_attention_figure_title_is_the_whole_caption_inside_the_figure(tmp_path,
 
     img = tmp_path / "img.png"
     Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(img)
-    words = ["a", "man", "in", "a", "red", "jacket", "is", "climbing", "a", "very", "tall", "and", "steep", "rock", "wall"]
+    words = [
+        "a",
+        "man",
+        "in",
+        "a",
+        "red",
+        "jacket",
+        "is",
+        "climbing",
+        "a",
+        "very",
+        "tall",
+        "and",
+        "steep",
+        "rock",
+        "wall",
+    ]
     seen = {}
     save = matplotlib.figure.Figure.savefig
 

@@ -165,3 +165,39 @@ def test_scheduled_sampling_ramp() -> None:
     for epoch in range(6):
         probs.append(m.ss_prob(epoch))
     assert probs == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+def test_no_repeat_ngram_guard_blocks_repeats_and_is_off_by_default() -> None:
+    """A decoder that always prefers "a red square a red square ..." (a loop of 3 words)."""
+    from imcap.model.decoding import beam_search, greedy, ngram_block
+
+    hist = torch.tensor([[5, 6, 7, 5, 6]])
+    assert ngram_block(hist, 3, 10)[0].nonzero().flatten().tolist() == [7]  # "5 6" -> not 7
+    assert ngram_block(hist, 2, 10)[0].nonzero().flatten().tolist() == [7]  # "6" -> not 7
+    assert not ngram_block(hist, 0, 10).any()
+
+    class Loop(torch.nn.Module):
+        uses_grid = False
+
+        def init_state(self, feats):
+            return torch.zeros(feats.pooled.size(0), dtype=torch.long)
+
+        def reorder_state(self, state, idx):
+            return state[idx]
+
+        def step(self, prev, state):
+            logits = torch.full((prev.size(0), 10), -5.0)
+            nxt = torch.where(prev == 7, 5, torch.where(prev == 5, 6, 7))  # 5 -> 6 -> 7 -> 5
+            logits[torch.arange(prev.size(0)), nxt] = 5.0
+            logits[:, 8] = 0.0  # a second choice
+            logits[:, 2] = -1.0  # <eos> is possible but unlikely
+            return logits, state + 1, None
+
+    feats = Features(torch.zeros(2, 4))
+    plain = greedy(Loop(), feats, bos=1, eos=2, max_len=9).tokens[0].tolist()
+    assert plain[:6] == [7, 5, 6, 7, 5, 6]  # off by default: the loop repeats
+    for decode in (greedy, lambda *a, **k: beam_search(*a, beam_size=3, **k)):
+        toks = decode(Loop(), feats, 1, 2, 9, no_repeat_ngram=3).tokens[0].tolist()
+        words = [w for w in toks if w not in (0, 2)]
+        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+        assert len(trigrams) == len(set(trigrams)) and len(words) >= 6  # kept going, no repeat

@@ -24,6 +24,23 @@ def _log_probs(logits: torch.Tensor, bos: int, temperature: float = 1.0) -> torc
     return F.log_softmax(logits.float().index_fill(1, banned, float("-inf")) / temperature, -1)
 
 
+def ngram_block(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """(N, t) words so far -> (N, V) True where the next word would repeat an n-gram already in
+    that row (the "no repeat n-gram" guard: "a man in a red shirt and a red shirt" with n=3)."""
+    N, t = history.shape
+    banned = torch.zeros(N, vocab_size, dtype=torch.bool)
+    if n <= 0 or t < n - 1:
+        return banned.to(history.device)
+    rows = history.tolist()
+    for i, seq in enumerate(rows):
+        prefix = tuple(seq[t - n + 1 :]) if n > 1 else ()
+        for j in range(t - n + 1):
+            if tuple(seq[j : j + n - 1]) == prefix:
+                banned[i, seq[j + n - 1]] = True
+    banned[:, PAD] = False  # finished rows extend with <pad>, never "repeat" it
+    return banned.to(history.device)
+
+
 @dataclass
 class Decoded:
     tokens: torch.Tensor  # (B, T) ids, <eos> included, <pad> after
@@ -39,6 +56,7 @@ def greedy(
     eos: int,
     max_len: int,
     return_attn: bool = False,
+    no_repeat_ngram: int = 0,
 ) -> Decoded:
     """Arg-max word at every step until <eos> or `max_len` words (then <eos> is forced)."""
     state = dec.init_state(feats)
@@ -50,6 +68,9 @@ def greedy(
     for t in range(max_len + 1):
         logits, state, alpha = dec.step(prev, state)  # (B, V)
         logp = _log_probs(logits, bos)  # (B, V)
+        if no_repeat_ngram and out:
+            blocked = ngram_block(torch.stack(out, 1), no_repeat_ngram, logp.size(-1))
+            logp = logp.masked_fill(blocked, float("-inf"))
         word = logp.argmax(-1) if t < max_len else torch.full_like(prev, eos)  # (B,)
         score += torch.where(done, 0.0, logp.gather(1, word[:, None]).squeeze(1))
         word = torch.where(done, PAD, word)
@@ -78,6 +99,7 @@ def beam_search(
     beam_size: int = 3,
     alpha: float = 0.0,
     return_attn: bool = False,
+    no_repeat_ngram: int = 0,
 ) -> Decoded:
     """Batched beam search: B images x K beams advance together in one (B*K) batch.
 
@@ -101,7 +123,11 @@ def beam_search(
     for t in range(max_len + 1):
         logits, state, alpha_t = dec.step(prev, state)  # (B*K, V)
         V = logits.size(-1)
-        logp = _log_probs(logits, bos).view(B, K, V)  # (B, K, V)
+        logp = _log_probs(logits, bos)  # (B*K, V)
+        if no_repeat_ngram and seqs.size(-1):
+            blocked = ngram_block(seqs.view(B * K, -1), no_repeat_ngram, V)
+            logp = logp.masked_fill(blocked, float("-inf"))
+        logp = logp.view(B, K, V)  # (B, K, V)
         if t == max_len:  # out of room: every live beam must end now
             forced = torch.full_like(logp, float("-inf"))
             forced[..., eos] = logp[..., eos]

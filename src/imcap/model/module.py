@@ -147,10 +147,13 @@ class Captioner(L.LightningModule):
         feats = self.with_attributes(feats)
         k = int(beam_size or self.decoding["beam_size"])
         v, max_len = self.vocab, int(self.decoding["max_len"])
+        ngram = int(self.decoding["no_repeat_ngram_size"])
         if k <= 1:
-            return greedy(self.decoder, feats, v.bos_id, v.eos_id, max_len, return_attn)
+            return greedy(self.decoder, feats, v.bos_id, v.eos_id, max_len, return_attn, ngram)
         alpha = float(self.decoding["length_penalty"])
-        return beam_search(self.decoder, feats, v.bos_id, v.eos_id, max_len, k, alpha, return_attn)
+        return beam_search(
+            self.decoder, feats, v.bos_id, v.eos_id, max_len, k, alpha, return_attn, ngram
+        )
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, beam_size: int | None = None) -> list[str]:
@@ -412,6 +415,9 @@ def check_decoding(d: dict) -> None:
         v = d[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UserError(f"model.decoding.{key} must be a whole number >= 1, got {v!r}")
+    n = d["no_repeat_ngram_size"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise UserError(f"model.decoding.no_repeat_ngram_size must be 0 (off) or >= 1, got {n!r}")
     if not isinstance(d["length_penalty"], int | float) or d["length_penalty"] < 0:
         raise UserError(f"model.decoding.length_penalty must be >= 0, got {d['length_penalty']!r}")
 
