@@ -51,6 +51,15 @@ def test_loading_a_crafted_checkpoint_refuses_and_runs_nothing(trained: dict, tm
     assert not marker.exists()
 
 
+def test_trust_checkpoint_is_an_explicit_opt_in(trained: dict, tmp_path: Path):
+    """The refusal names the opt-in; with it (a file you trust) the whole pickle is loaded."""
+    path, marker = crafted_checkpoint(trained["ckpt"], tmp_path)
+    with pytest.raises(UserError, match="trust_checkpoint=true"):
+        load_captioner(path)
+    model = load_captioner(path, trust=True)  # what trust means: the payload runs
+    assert marker.exists() and model.vocab is not None
+
+
 def test_caption_cli_refuses_a_crafted_checkpoint(trained: dict, tmp_path: Path):
     path, marker = crafted_checkpoint(trained["ckpt"], tmp_path)
     img = next((trained["out"]).parent.glob("data/synthetic/images/*.jpg"), None)

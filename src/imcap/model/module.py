@@ -522,17 +522,23 @@ def upgrade_hparams(hp: dict) -> dict:
     return hp
 
 
-def read_checkpoint(p: Path) -> dict:
+def read_checkpoint(p: Path, trust: bool = False) -> dict:
     """A checkpoint as data: `weights_only=True` unpickles tensors and plain containers only,
-    so a file carrying code (a pickled callable) is refused instead of run."""
+    so a file carrying code (a pickled callable) is refused instead of run.
+
+    `trust=True` (trust_checkpoint=true) unpickles everything: only for a file from a source
+    you trust that an older tool wrote with other objects inside."""
+    if trust:
+        log.warning("trust_checkpoint=true: %s is unpickled in full (it can run code)", p)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(p, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"refusing to load {p}: it holds objects other than tensors and plain values, which "
             f"could run code when unpickled ({first[:160]}). imcap checkpoints never do; "
-            "use a checkpoint written by imcap's train.py"
+            "use a checkpoint written by imcap's train.py, or, only for a file from a source you "
+            "trust, trust_checkpoint=true"
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated, empty or not a checkpoint at all
         raise UserError(f"cannot read checkpoint {p}: {str(e)[:200]}") from None
@@ -542,13 +548,16 @@ def read_checkpoint(p: Path) -> dict:
 
 
 def load_captioner(
-    path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    trust: bool = False,
+    **overrides: Any,
 ) -> Captioner:
-    """Load a checkpoint with errors a user can act on."""
+    """Load a checkpoint with errors a user can act on (as data unless `trust`)."""
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py>")
-    ckpt = read_checkpoint(p)
+    ckpt = read_checkpoint(p, trust)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "vocab" not in hp:
         raise UserError(

@@ -36,7 +36,8 @@ _HARMLESS = (
 
 class _DropAdverts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage().lower()
+        msg = record.getMessage()
+        return not (msg.lstrip().startswith("💡") or "litlogger" in msg or "litmodels" in msg)
 
 
 def quiet_known_noise() -> None:
@@ -106,7 +107,7 @@ def build_model(cfg: DictConfig) -> Captioner:
         "data": {k: plain(cfg.data)[k] for k in ("name", "root", "loader", "source")},
     }
     if cfg.get("init_from"):
-        init = load_captioner(cfg.init_from)
+        init = load_captioner(cfg.init_from, trust=bool(cfg.get("trust_checkpoint")))
         hp = dict(init.hparams)
         model = Captioner(**{**hp, **run_args, "encoder": {**hp["encoder"], "pretrained": False}})
         model.load_state_dict(init.state_dict())
@@ -158,9 +159,10 @@ def train(cfg: DictConfig) -> float | None:
         raise UserError(
             "a trainable / fine-tuned encoder needs mode=joint (two_step trains on frozen features)"
         )
+    trust = bool(cfg.get("trust_checkpoint"))  # unpickle checkpoints in full (opt-in)
     model = build_model(cfg)
     if cfg.get("ckpt_path"):
-        check_resume_vocab(cfg.ckpt_path, model.vocab)
+        check_resume_vocab(cfg.ckpt_path, model.vocab, trust)
     if rank_zero_only.rank == 0:
         model.vocab.save(out / "vocab.json")
     dm = CaptionDataModule.for_model(plain(cfg.data), model, cfg.mode)
@@ -184,7 +186,7 @@ def train(cfg: DictConfig) -> float | None:
     for lg in trainer.loggers:
         lg.log_hyperparams(plain(cfg))
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not trust)
     except SIGTERMException:  # preemption / scancel: last.ckpt saved, exit 143 for a requeue
         print(f"error: {stopped_message(trainer, 'SIGTERM')}", file=sys.stderr)
         sys.exit(143)
@@ -248,14 +250,14 @@ def train(cfg: DictConfig) -> float | None:
     return results["val"].get("CIDEr")
 
 
-def check_resume_vocab(ckpt_path: str, vocab) -> None:
+def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False) -> None:
     """Resuming needs the vocabulary the checkpoint was trained with (its output layer)."""
     p = Path(str(ckpt_path)).expanduser()
     if not p.is_file():
         raise UserError(
             f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> to resume"
         )
-    hp = read_checkpoint(p).get("hyper_parameters") or {}
+    hp = read_checkpoint(p, trust).get("hyper_parameters") or {}
     tokens = (hp.get("vocab") or {}).get("tokens")
     if tokens != vocab.tokens:
         n = len(tokens) if tokens else 0
@@ -302,7 +304,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     quiet_known_noise()
     out = output_dir(cfg)
     check_metrics_env(cfg)
-    model = load_captioner(cfg.ckpt_path)
+    model = load_captioner(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
     apply_decoding_overrides(model, cfg)
     model.metrics_cfg = plain(cfg.metrics)
     data = plain(cfg.data) if cfg.get("data") else dict(model.hparams.get("data") or {})
@@ -361,7 +363,9 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
     quiet_known_noise()
     out = output_dir(cfg)
     device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
-    model = load_captioner(cfg.ckpt_path, map_location=device)
+    model = load_captioner(
+        cfg.ckpt_path, map_location=device, trust=bool(cfg.get("trust_checkpoint"))
+    )
     apply_decoding_overrides(model, cfg)
     paths = list_images(plain(cfg.images))
     files = ImageFiles(
