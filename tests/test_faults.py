@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pickle
 import signal
 import struct
 import subprocess
@@ -39,8 +38,7 @@ def crafted_checkpoint(trained_ckpt: str, tmp_path: Path) -> tuple[Path, Path]:
     ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
     ckpt["extra"] = _Payload(marker)
     path = tmp_path / "evil.ckpt"
-    with open(path, "wb") as fh:
-        pickle.dump(ckpt, fh)  # torch.load reads plain pickles too
+    torch.save(ckpt, path)  # the payload pickles as a call to os.system
     return path, marker
 
 
