@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--out", default=str(ROOT / "outputs" / "recipe"))
     ap.add_argument("--beam", type=int, default=3)
-    ap.add_argument("--length-penalties", default="0.5,1,1.5,2", help="extra GNMT alphas to re-score")
+    ap.add_argument(
+        "--length-penalties", default="0.5,1,1.5,2", help="extra GNMT alphas to re-score"
+    )
     ap.add_argument("--ce-ckpt", default=None, help="skip stage 1: start SCST from this checkpoint")
     ap.add_argument("--smoke", action="store_true", help="a few images, one epoch per stage")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both stages")
