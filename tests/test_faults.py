@@ -301,3 +301,17 @@ def test_image_paths_escaping_the_root_are_refused(name: str, tmp_path: Path) ->
     (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
     with pytest.raises(UserError, match=r"1 image path\(s\) named in .* point outside"):
         load_records("flickr8k", root)
+
+
+def test_bad_image_messages_name_the_key_of_the_command_that_runs(tmp_path: Path) -> None:
+    """caption.py's policy key is `bad_images`, the data module's `data.bad_images`."""
+    from imcap.data.images import ImageFiles
+
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(UserError, match=r"x\.jpg.* set bad_images=skip"):
+        ImageFiles([bad], lambda im: im, "error", key="bad_images")[0]
+    with pytest.raises(UserError, match=r"set data\.bad_images=skip"):
+        ImageFiles([bad], lambda im: im, "error")[0]
+    with pytest.raises(UserError, match=r"^bad_images must be one of"):
+        ImageFiles([bad], lambda im: im, "ignore", key="bad_images")

@@ -65,21 +65,27 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def check_policy(policy: str) -> str:
+def check_policy(policy: str, key: str = "data.bad_images") -> str:
     if policy not in BAD_IMAGE_POLICIES:
-        raise UserError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+        raise UserError(f"{key} must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
     return policy
 
 
 class ImageFiles(Dataset):
-    """Images by path -> (index, tensor); a bad file yields (index, None) under `skip`."""
+    """Images by path -> (index, tensor); a bad file yields (index, None) under `skip`.
+
+    `key` is the config key of the policy in messages (caption.py's is plain `bad_images`)."""
 
     def __init__(
-        self, paths: Sequence[Path], transform: Callable, bad_images: str = "skip"
+        self,
+        paths: Sequence[Path],
+        transform: Callable,
+        bad_images: str = "skip",
+        key: str = "data.bad_images",
     ) -> None:
         self.paths = list(paths)
         self.transform = transform
-        self.bad_images = check_policy(bad_images)
+        self.bad_images, self.key = check_policy(bad_images, key), key
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -91,7 +97,7 @@ class ImageFiles(Dataset):
             if self.bad_images == "error":
                 raise UserError(
                     f"cannot read image {self.paths[i]}: {e}. Fix or remove the file, or set "
-                    "data.bad_images=skip to skip unreadable images"
+                    f"{self.key}=skip to skip unreadable images"
                 ) from None
             log.warning("skipping unreadable image %s (%s)", self.paths[i], e)
             return i, None

@@ -369,7 +369,10 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
     apply_decoding_overrides(model, cfg)
     paths = list_images(plain(cfg.images))
     files = ImageFiles(
-        paths, make_transform(model.encoder.data_config), cfg.get("bad_images", "skip")
+        paths,
+        make_transform(model.encoder.data_config),
+        cfg.get("bad_images", "skip"),
+        key="bad_images",
     )
     loader = torch.utils.data.DataLoader(
         files, batch_size=cfg.batch_size, collate_fn=collate_images, num_workers=0
