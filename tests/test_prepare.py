@@ -5,7 +5,6 @@ here; downloads resume, checksums are enforced, unpacking is atomic, local archi
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -25,21 +24,10 @@ from PIL import Image
 
 from imcap.data.download import fetch, unpack
 from imcap.errors import UserError
+from imcap.pipeline.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-
-
-def _load_prepare():
-    spec = importlib.util.spec_from_file_location(
-        "imcap_prepare_entry", REPO / "src" / "prepare.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-prepare = _load_prepare().prepare
 
 
 # ----------------------------------------------------------------------------- local server
