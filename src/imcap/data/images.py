@@ -7,7 +7,11 @@ with a message naming the file.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import logging
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,13 +118,39 @@ def collate_images(items: list[tuple[int, torch.Tensor | None]]) -> dict[str, An
     }
 
 
-def list_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """A file, a folder (its images, sorted) or a list of files -> image paths."""
+URL_MAX_BYTES = 20 * 1024 * 1024  # an image URL larger than this is refused
+URL_TIMEOUT = 20.0  # seconds to connect and to wait for each read
+
+
+def list_images(
+    spec: str | Path | Sequence[str | Path], download_dir: str | Path | None = None
+) -> list[Path]:
+    """Image paths from: a file, a folder (its images, sorted), a glob (`photos/*.jpg`), an
+    http(s) URL (downloaded into `download_dir`), `-` (one of these per line on stdin), or a
+    list of any of them."""
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     out: list[Path] = []
     for s in specs:
-        p = Path(str(s)).expanduser()
-        if p.is_dir():
+        text = str(s).strip()
+        if text == "-":
+            lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
+            if not lines:
+                raise UserError("images=- read no paths from standard input (one per line)")
+            out += list_images(lines, download_dir)
+            continue
+        if text.startswith(("http://", "https://")):
+            out.append(download_image(text, Path(download_dir or tempfile.mkdtemp())))
+            continue
+        p = Path(text).expanduser()
+        if any(c in text for c in "*?[") and not p.exists():
+            found = sorted(
+                Path(f) for f in glob.glob(str(p), recursive=True)
+                if Path(f).suffix.lower() in IMAGE_SUFFIXES and Path(f).is_file()
+            )  # fmt: skip
+            if not found:
+                raise UserError(f"no images match {text}")
+            out += found
+        elif p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {p}")
@@ -128,8 +158,36 @@ def list_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise UserError(f"image not found: {p}. Give an image file or a folder of images")
+            raise UserError(f"image not found: {p}. Give an image file, a folder, a glob or a URL")
     return out
+
+
+def download_image(url: str, folder: Path) -> Path:
+    """Fetch one image URL (size and time limited) into `folder`; errors name the URL."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = Path(urllib.parse.urlparse(url).path).name or "image"
+    target = folder / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}_{name}"
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT) as resp:  # noqa: S310 - http(s) only
+            size = int(resp.headers.get("Content-Length") or 0)
+            if size > URL_MAX_BYTES:
+                raise UserError(f"{url} is {size:,} bytes, over the {URL_MAX_BYTES:,}-byte limit")
+            data = resp.read(URL_MAX_BYTES + 1)
+    except UserError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(
+            f"cannot download {url}: {reason}. Offline? Download it and pass the file instead"
+        ) from None
+    if len(data) > URL_MAX_BYTES:
+        raise UserError(f"{url} is over the {URL_MAX_BYTES:,}-byte limit")
+    target.write_bytes(data)
+    return target
 
 
 class ImageBytes(ImageFiles):

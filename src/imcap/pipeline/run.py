@@ -367,7 +367,7 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
         cfg.ckpt_path, map_location=device, trust=bool(cfg.get("trust_checkpoint"))
     )
     apply_decoding_overrides(model, cfg)
-    paths = list_images(plain(cfg.images))
+    paths = list_images(plain(cfg.images), download_dir=out / "downloads")
     files = ImageFiles(
         paths,
         make_transform(model.encoder.data_config),
