@@ -315,3 +315,38 @@ def test_bad_image_messages_name_the_key_of_the_command_that_runs(tmp_path: Path
         ImageFiles([bad], lambda im: im, "error")[0]
     with pytest.raises(UserError, match=r"^bad_images must be one of"):
         ImageFiles([bad], lambda im: im, "ignore", key="bad_images")
+
+
+# -- places that cannot be written, files that cannot be read ------------------------------------------
+def test_unwritable_cache_and_run_dirs_are_one_line(tmp_path: Path) -> None:
+    """A path under a regular file cannot be created, even by root (CI may run as root, where
+    permission bits do not stop writes)."""
+    from conftest import compose_train
+
+    from imcap.pipeline.run import train
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cfg = compose_train(tiny_overrides(tmp_path, f"paths.cache_dir={blocker / 'cache'}"))
+    with pytest.raises(UserError, match=r"cannot write the feature cache under .*a_file"):
+        train(cfg)
+    cfg = compose_train(tiny_overrides(tmp_path, f"paths.output_dir={blocker / 'run'}"))
+    with pytest.raises(UserError, match=r"cannot write the run directory .*a_file/run"):
+        train(cfg)
+
+
+def test_non_utf8_split_list_names_the_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from imcap.data.datasets import load_records
+
+    root = tmp_path / "flickr8k"
+    (root / "Images").mkdir(parents=True)
+    (root / "Flickr8k_text").mkdir()
+    for n in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8), "red").save(root / "Images" / n)
+    lines = [f"{n}#{k}\tA red square ." for n in ("a.jpg", "b.jpg") for k in range(2)]
+    (root / "Flickr8k_text" / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    (root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").write_bytes(b"a.jpg\n\xff\xfe\xfa\n")
+    with pytest.raises(UserError, match=r"split list .*Flickr_8k\.trainImages\.txt is not UTF-8"):
+        load_records("flickr8k", root)

@@ -438,7 +438,16 @@ def read_split_lists(
         if not path.is_file():
             continue
         used.append(path)
-        for line in path.read_text(encoding="utf-8-sig").split():
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"split list {path} is not UTF-8 text ({e.reason} at byte {e.start}); fix: "
+                "re-download it, or set data.source.split_lists.<split>=null to ignore it"
+            ) from None
+        except OSError as e:
+            raise UserError(f"cannot read split list {path}: {e.strerror}") from None
+        for line in text.split():
             image = _image_key(line)
             if "." not in image:
                 image += ".jpg"

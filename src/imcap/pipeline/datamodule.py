@@ -96,6 +96,18 @@ def preserved_rng() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+@contextlib.contextmanager
+def cache_write_errors(cache_dir: str) -> Iterator[None]:
+    """A feature cache that cannot be written (read-only, disk full) is one line, not a trace."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(
+            f"cannot write the feature cache under {cache_dir}: {e.strerror or e}; set "
+            "paths.cache_dir=<a writable folder with space> (or IMCAP_CACHE_DIR)"
+        ) from None
+
+
 def encode_caption(vocab: Vocab, caption: str) -> list[int]:
     """<bos> w1 .. wn <eos> ids of a raw caption."""
     return [vocab.bos_id, *vocab.encode(tokenize(caption)), vocab.eos_id]
@@ -372,7 +384,7 @@ class CaptionDataModule(L.LightningDataModule):
             # Extraction draws random numbers (a DataLoader seeds its workers from torch's
             # generator) only when the cache is cold: keep them out of the run's streams, so
             # a seed gives the same run with a cold or a warm cache.
-            with preserved_rng():
+            with preserved_rng(), cache_write_errors(self.cache_dir):
                 self.cache = ensure_features(
                     self.encoder,
                     paths,

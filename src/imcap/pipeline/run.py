@@ -54,7 +54,16 @@ def plain(cfg: Any) -> Any:
 
 def output_dir(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"cannot write the run directory {out}: {e.strerror}; choose another with "
+            "hydra.run.dir=<dir> (or paths.log_dir=<dir>), or free space there"
+        ) from None
     return out
 
 
