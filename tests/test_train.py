@@ -281,3 +281,16 @@ def test_metrics_csv_names_the_best_checkpoints_revalidation_apart(trained: dict
     )
     assert len(best) == 1
     assert float(best[0]["val_best/CIDEr"]) == pytest.approx(trained["metrics"]["val"]["CIDEr"])
+
+
+def test_resuming_into_another_model_shape_is_a_clear_error(trained: dict) -> None:
+    """Same vocabulary, other decoder size: one line naming the differing keys, before
+    Lightning would fail on the state dict."""
+    from imcap.pipeline.run import check_resume_vocab
+
+    model = load_captioner(trained["ckpt"])
+    hp = dict(model.hparams)
+    other = Captioner(**{**hp, "decoder": {**hp["decoder"], "hidden_dim": 64}})
+    check_resume_vocab(trained["ckpt"], model.vocab, model=model)  # the same shape passes
+    with pytest.raises(UserError, match=r"another decoder: decoder\.hidden_dim=256 \(here 64\)"):
+        check_resume_vocab(trained["ckpt"], model.vocab, model=other)

@@ -19,7 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from imcap.data.images import ImageFiles, collate_images, list_images, make_transform
 from imcap.errors import UserError
-from imcap.model.module import Captioner, check_decoding, load_captioner, read_checkpoint
+from imcap.model.module import (
+    Captioner,
+    check_decoding,
+    load_captioner,
+    read_checkpoint,
+    upgrade_hparams,
+)
 from imcap.pipeline.datamodule import CaptionDataModule
 
 log = logging.getLogger(__name__)
@@ -171,7 +177,7 @@ def train(cfg: DictConfig) -> float | None:
     trust = bool(cfg.get("trust_checkpoint"))  # unpickle checkpoints in full (opt-in)
     model = build_model(cfg)
     if cfg.get("ckpt_path"):
-        check_resume_vocab(cfg.ckpt_path, model.vocab, trust)
+        check_resume_vocab(cfg.ckpt_path, model.vocab, trust, model)
     if rank_zero_only.rank == 0:
         model.vocab.save(out / "vocab.json")
     dm = CaptionDataModule.for_model(plain(cfg.data), model, cfg.mode)
@@ -199,6 +205,13 @@ def train(cfg: DictConfig) -> float | None:
     except SIGTERMException:  # preemption / scancel: last.ckpt saved, exit 143 for a requeue
         print(f"error: {stopped_message(trainer, 'SIGTERM')}", file=sys.stderr)
         sys.exit(143)
+    except OSError as e:  # a full disk or a vanished folder while writing a checkpoint or log
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(
+            f"training stopped: {e.strerror or e}{where}. Checkpoints already written are "
+            "complete (each is written to a temporary file, then renamed); free space or point "
+            f"the run elsewhere, then resume. {stopped_message(trainer, 'I/O error')}"
+        ) from None
     except SystemExit:  # Lightning turns Ctrl-C into exit(1) after saving last.ckpt
         if not trainer.interrupted:
             raise
@@ -259,14 +272,14 @@ def train(cfg: DictConfig) -> float | None:
     return results["val"].get("CIDEr")
 
 
-def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False) -> None:
-    """Resuming needs the vocabulary the checkpoint was trained with (its output layer)."""
+def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False, model=None) -> None:
+    """Resuming needs the vocabulary and the model shape the checkpoint was trained with."""
     p = Path(str(ckpt_path)).expanduser()
     if not p.is_file():
         raise UserError(
             f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> to resume"
         )
-    hp = read_checkpoint(p, trust).get("hyper_parameters") or {}
+    hp = upgrade_hparams(read_checkpoint(p, trust).get("hyper_parameters") or {})
     tokens = (hp.get("vocab") or {}).get("tokens")
     if tokens != vocab.tokens:
         n = len(tokens) if tokens else 0
@@ -275,6 +288,18 @@ def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False) -> None:
             "Resume with the same data and data.vocab settings, or start a new run from its weights "
             f"and vocabulary with init_from={p}"
         )
+    if model is None:
+        return
+    for part in ("encoder", "decoder"):
+        theirs, ours = dict(hp.get(part) or {}), dict(model.hparams.get(part) or {})
+        theirs.pop("pretrained", None), ours.pop("pretrained", None)  # where weights came from
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if diff:
+            shown = ", ".join(f"{part}.{k}={theirs.get(k)!r} (here {ours.get(k)!r})" for k in diff)
+            raise UserError(
+                f"{p} was trained with another {part}: {shown}. Resume with the overrides it "
+                "was trained with (its .hydra/config.yaml), or start anew from it with init_from="
+            )
 
 
 def write_captions(path: Path, preds: dict[str, str], dm: CaptionDataModule, split: str) -> None:
