@@ -383,6 +383,8 @@ class Captioner(L.LightningModule):
         if self._scorer is None or (meteor and "METEOR" not in self._scorer.metrics):
             if self._scorer is not None:
                 self._scorer.close()
+            if meteor:  # say what the pause is: the JVM loads a 60 MB paraphrase table
+                log.info("scoring with METEOR: starting its Java VM (~15-20 s the first time)")
             self._scorer = CaptionScorer(java=self.metrics_cfg["java"], meteor=meteor)
         return self._scorer
 
