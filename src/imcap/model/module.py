@@ -74,12 +74,10 @@ class Captioner(L.LightningModule):
             "vocab": vocab,
             "encoder": encoder,
             "decoder": decoder,
-            "optimizer": _partial_spec("model.optimizer", optimizer, conf["optimizer"]),
+            "optimizer": _partial_spec(optimizer, conf["optimizer"]),
             "scheduler": None
             if scheduler is None
-            else _partial_spec(
-                "model.scheduler", None if scheduler is FROM_CONF else scheduler, conf["scheduler"]
-            ),
+            else _partial_spec(None if scheduler is FROM_CONF else scheduler, conf["scheduler"]),
             "encoder_lr": float(conf["encoder_lr"] if encoder_lr is None else encoder_lr),
             "loss": checked("model.loss", loss, conf["loss"]),
             "decoding": checked("model.decoding", decoding, conf["decoding"]),
@@ -424,7 +422,7 @@ def check_decoding(d: dict) -> None:
         raise UserError(f"model.decoding.length_penalty must be >= 0, got {d['length_penalty']!r}")
 
 
-def _partial_spec(where: str, given: dict | None, default: dict) -> dict:
+def _partial_spec(given: dict | None, default: dict) -> dict:
     """A Hydra partial (optimizer, scheduler): the default's arguments under the given ones
     when the target is the same, the given spec alone when it names another class."""
     given = dict(given or {})

@@ -414,7 +414,8 @@ class CaptionDataModule(L.LightningDataModule):
                 "build the data module with CaptionDataModule.for_model(data, model)"
             )
         records = self._all_records()
-        self.row_of = {r.image_id: i for i, r in enumerate(records)}
+        self.image_ids = [r.image_id for r in records]  # row -> id, read by every batch
+        self.row_of = {image_id: i for i, image_id in enumerate(self.image_ids)}
         self.bank: dict[str, torch.Tensor] = {}  # cached features: pooled (N, C), grid (N, R, C')
         bad: set[int] = set()
         if self.mode == "two_step":
@@ -568,8 +569,7 @@ class CaptionDataModule(L.LightningDataModule):
         return {**batch, "images": images}
 
     def _ids(self, rows: torch.Tensor) -> list[str]:
-        records = self._all_records()
-        return [records[i].image_id for i in rows.tolist()]
+        return [self.image_ids[i] for i in rows.tolist()]
 
     def _on(self, key: str, device: torch.device) -> torch.Tensor:
         """A feature-bank tensor on `device`, moved there once."""
