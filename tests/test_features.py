@@ -200,6 +200,18 @@ def test_captions_per_image_sampler() -> None:
     assert len(CaptionsPerImage(rows, k=2)) == 6
 
 
+def test_grouped_sampler_puts_an_images_captions_side_by_side() -> None:
+    rows = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 2])
+    s = CaptionsPerImage(rows, k=len(rows), seed=0, grouped=True)
+    epochs = [list(s) for _ in range(6)]
+    for order in epochs:
+        assert sorted(order) == list(range(9))  # every caption once per epoch
+        images = rows[order].tolist()
+        runs = [images[0]] + [b for a, b in zip(images, images[1:], strict=False) if a != b]
+        assert sorted(runs) == [0, 1, 2]  # each image's captions form one contiguous run
+    assert len({tuple(rows[o].tolist()) for o in epochs}) > 1  # image order reshuffled
+
+
 def test_joint_epoch_survives_a_corrupt_image(tmp_path: Path) -> None:
     recs = records(tmp_path)
     recs[2].path.write_bytes(b"garbage")

