@@ -1,7 +1,7 @@
 """Command-line entry points, one per task, each a Hydra app over conf/<task>.yaml.
 
     python src/train.py key=value ...      (the checkout's scripts)
-    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-prepare)
+    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-export, imcap-prepare)
     python -m imcap train key=value ...
 
 Heavy libraries (torch, Lightning, timm) are imported only once the task runs, so `--help` and a
@@ -22,6 +22,7 @@ TASKS = {  # command -> (config name, function of the composed config)
     "train": ("train", "imcap.pipeline.run:train"),
     "eval": ("eval", "imcap.pipeline.run:evaluate"),
     "caption": ("caption", "imcap.pipeline.run:caption"),
+    "export": ("export", "imcap.pipeline.export:export"),
     "prepare": ("prepare", "imcap.pipeline.prepare:prepare"),
 }
 
@@ -52,7 +53,9 @@ def _entry(task: str) -> Callable[[], Any]:
     return entry
 
 
-train, evaluate, caption, prepare = (_entry(t) for t in ("train", "eval", "caption", "prepare"))
+train, evaluate, caption, export, prepare = (
+    _entry(t) for t in ("train", "eval", "caption", "export", "prepare")
+)
 
 
 def main() -> None:
