@@ -11,12 +11,14 @@ misspelt key answer at once.
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from imcap.config import CONF_DIR, preflight, set_project_root
-from imcap.errors import cli_errors
+from imcap.config import CONF_DIR, preflight, resume_overrides, set_project_root
+from imcap.errors import UserError, cli_errors
 
 TASKS = {  # command -> (config name, function of the composed config)
     "train": ("train", "imcap.pipeline.run:train"),
@@ -40,8 +42,32 @@ def run_task(task: str) -> Any:
     def main(cfg: Any) -> Any:
         return getattr(importlib.import_module(module), name)(cfg)
 
+    if task == "train" and not any(a.startswith("-") for a in sys.argv[1:]):
+        continue_in_place()
     preflight(config_name)  # a misspelt key: one line naming it and the valid ones
     return main()
+
+
+def continue_in_place() -> None:
+    """`resume=<run dir>|auto`: rewrite the command line to continue that run in its own
+    directory (its overrides, last.ckpt, output folder), keeping its previous Hydra config."""
+    try:
+        argv = resume_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if argv == sys.argv[1:]:
+        return
+    run = Path(next(a for a in argv if a.startswith("resume=")).split("=", 1)[1])
+    saved = run / ".hydra"
+    if saved.is_dir():  # Hydra rewrites config.yaml & co. in place: keep the previous ones
+        n = 1 + len(list(saved.glob("before_resume_*")))
+        keep = saved / f"before_resume_{n}"
+        keep.mkdir()
+        for f in saved.glob("*.yaml"):
+            shutil.copy2(f, keep / f.name)
+    print(f"resuming {run} from checkpoints/last.ckpt", file=sys.stderr)
+    sys.argv[1:] = argv
 
 
 def _entry(task: str) -> Callable[[], Any]:

@@ -3,6 +3,7 @@ staged CNN fine-tuning, progress lines for log files."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -196,9 +197,63 @@ class EncoderFinetuning(BaseFinetuning):
         )
 
 
+class ContinueMetrics(L.Callback):
+    """A run resumed in its own directory keeps one metrics.csv: the rows of the epochs before
+    the resume point are written back once fitting restarts (Lightning's CSVLogger deletes the
+    file it finds). Rows of epochs the resume repeats, and the final val_best/test rows of an
+    earlier finish, are dropped, so every epoch appears once."""
+
+    FINAL = ("val_best/", "test/")
+
+    def __init__(self, rows: list[dict[str, str]]) -> None:
+        self.rows = rows
+
+    @staticmethod
+    def take(loggers: list[Any]) -> list[dict[str, str]]:
+        """The CSV logger's existing rows, with its files moved out of Lightning's way (before
+        the logger first writes: it would warn and delete them)."""
+        from lightning.pytorch.loggers import CSVLogger
+
+        rows: list[dict[str, str]] = []
+        for lg in loggers:
+            if isinstance(lg, CSVLogger):
+                path = Path(lg.log_dir) / "metrics.csv"
+                if path.is_file():
+                    with path.open(newline="") as fh:
+                        rows = list(csv.DictReader(fh))
+                    path.unlink()
+                (Path(lg.log_dir) / "hparams.yaml").unlink(missing_ok=True)  # rewritten
+        return rows
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        start = trainer.current_epoch  # restored from the checkpoint: the first epoch to run
+        keep = [
+            r
+            for r in self.rows
+            if r.get("epoch") not in (None, "")
+            and int(float(r["epoch"])) < start
+            and not any(k.startswith(self.FINAL) and v != "" for k, v in r.items())
+        ]
+        if not keep or not trainer.is_global_zero:
+            return
+        keys = sorted({k for r in keep for k in r})
+        for lg in trainer.loggers:
+            if isinstance(lg, CSVLogger):
+                writer = lg.experiment
+                with open(writer.metrics_file_path, "w", newline="") as fh:
+                    out = csv.DictWriter(fh, fieldnames=keys)
+                    out.writeheader()
+                    out.writerows(keep)
+                writer.metrics_keys = list(keys)
+        log.info("continued metrics.csv: %d rows of epochs 0-%d kept", len(keep), start - 1)
+
+
 class Curves(L.Callback):
     """Per-epoch training loss and validation scores, drawn to `curves.png` after every epoch
-    (so an interrupted run still has its curves) and sent to image-capable loggers."""
+    (so an interrupted run still has its curves) and sent to image-capable loggers. The history
+    is part of the checkpoint, so a resumed run draws every epoch."""
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
@@ -206,6 +261,19 @@ class Curves(L.Callback):
         self.epoch_seconds: list[float] = []
         self._loss_sum, self._loss_n = 0.0, 0
         self._t0 = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "epoch_seconds": self.epoch_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a mid-epoch checkpoint restarts its epoch: keep only the epochs before it
+        start = trainer.current_epoch
+        self.history = [r for r in self.history if r["epoch"] < start]
+        self.epoch_seconds = self.epoch_seconds[:start]  # one entry per trained epoch
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
