@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from timm.models import group_parameters
@@ -74,6 +75,31 @@ class Checkpoint(ModelCheckpoint):
         trainer.save_checkpoint(path)  # mid-epoch state: the resume restarts that epoch
         self.last_model_path = str(path)
         log.warning("stopped (%s): saved %s", type(exception).__name__, path)
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's model summary without the FLOPs column and its "0 Total Flops" line:
+    Lightning counts FLOPs only by running `example_input_array`, which a captioner (images and
+    captions, or cached features) does not have, so every count it prints is 0."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+        columns = [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
+        )
+        lines = [ln for ln in table.splitlines() if not ln.endswith("Total Flops")]
+        log.info("\n" + "\n".join(lines))
 
 
 class SampleCaptions(L.Callback):

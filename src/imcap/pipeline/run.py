@@ -37,6 +37,11 @@ _HARMLESS = (
     r"Found \d+ module\(s\) in eval mode.*",  # the frozen encoder stays in eval mode on purpose
     r"Precision .* is not supported by the model summary.*",  # the size column is approximate
     r"Detected pickle protocol \d+ in the checkpoint.*",  # Lightning writes protocol 4; loads fine
+    # DDP: caption scores are computed once from every rank's gathered captions and broadcast
+    # (Captioner._score), so each rank logs the same global value; nothing to all-reduce
+    r"It is recommended to use `self.log\('(val|val_best|test)/[^']+', \.\.\., sync_dist=True\)`.*",
+    # DDP validate/test: the sampler pads with repeated images; _score keeps each image once
+    r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(validate|test)\(\)`.*",
 )
 
 
@@ -203,6 +208,11 @@ def train(cfg: DictConfig) -> float | None:
         if "enable_progress_bar" not in cfg.trainer:
             extra["enable_progress_bar"] = False
         callbacks.append(ProgressLog())
+    if cfg.trainer.get("enable_model_summary", True):  # ours: no column of zero FLOPs
+        from imcap.pipeline.callbacks import ModelSummary
+
+        callbacks.append(ModelSummary(max_depth=1))
+    extra["enable_model_summary"] = False  # Lightning's own: replaced by the one above
     if "plugins" not in cfg.trainer:  # checkpoints written to a temp file, then renamed
         from imcap.pipeline.callbacks import AtomicCheckpointIO
 
