@@ -128,13 +128,10 @@ def test_export_captions_exactly_as_the_checkpoint(ckpt, decoder: str, fmt: str,
     assert all((tmp_path / f).is_file() for f in meta["files"].values())
     if fmt == "onnx":  # ids too, <eos> and <pad> included, on a batch size not traced (2)
         from imcap.deploy import OnnxCaptioner
-        from imcap.model.decoding import greedy
+        from imcap.model.export import reference_ids
 
-        with torch.no_grad():
-            feats = model.with_attributes(model.encoder(images[:5], grid=model.decoder.uses_grid))
-            v = model.vocab
-            ref = greedy(model.decoder, feats, v.bos_id, v.eos_id, 12).tokens
-        assert OnnxCaptioner(meta_path).ids(images[:5].numpy()).tolist() == ref.tolist()
+        ids = OnnxCaptioner(meta_path).ids(images[:5].numpy())
+        assert ids.tolist() == reference_ids(model, images[:5]).tolist()
 
 
 def test_torchscript_export_runs_without_imcap(ckpt, tmp_path: Path) -> None:
@@ -201,5 +198,11 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert "checkpoint not found" in msg and "missing.ckpt" in msg
     msg = run(f"ckpt_path={tmp_path / 'missing.ckpt'}", "format=tflite")
     assert "format='tflite'" in msg and "onnx, torchscript" in msg
+    from types import SimpleNamespace
+
+    from imcap.model.export import check_exportable
+
+    with pytest.raises(UserError, match="export supports ShowTellDecoder, AttentionDecoder"):
+        check_exportable(SimpleNamespace(decoder=torch.nn.Linear(2, 2)))  # a custom decoder
     res = cli("export.py", "ckpt_path=x.ckpt", "format=coreml")  # and through the entry point
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "onnx, torchscript" in res.stderr

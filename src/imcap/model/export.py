@@ -28,7 +28,7 @@ from torch import nn
 from imcap import __version__
 from imcap.errors import UserError
 from imcap.model.decoder import AttentionDecoder, ShowTellDecoder, TopDownDecoder
-from imcap.model.decoding import _log_probs
+from imcap.model.decoding import _log_probs, greedy
 from imcap.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,8 @@ def sidecar(model: Any, fmt: str, n_state: int, source: str) -> dict[str, Any]:
             "strategy": "greedy",
             "max_len": int(d["max_len"]),
             "banned_ids": [v.pad_id, v.bos_id, v.unk_id],  # already -inf in step's log_probs
-            "checkpoint_beam_size": int(d["beam_size"]),
+            "checkpoint_beam_size": int(d["beam_size"]),  # imcap's own decoding, not exported
+            "checkpoint_no_repeat_ngram_size": int(d["no_repeat_ngram_size"]),
         },
         "state": {
             "inputs": [f"state_{i}" for i in range(n_state)],
@@ -225,25 +226,33 @@ def export_model(model: Any, out: Path, fmt: str, source: str = "") -> Path:
         warnings.simplefilter("ignore")
         state = encode(images)
         tokens = torch.full((2,), v.bos_id, dtype=torch.long)  # (2,)
+        meta = json.dumps(sidecar(model, fmt, len(state), source), indent=1)
         if fmt == "torchscript":
-            _torchscript(model, encode, step, images, tokens, state, out)
+            _torchscript(model, encode, step, images, tokens, state, out, meta)
         else:
             _onnx(encode, step, images, tokens, state, out)
     path = out / SIDECAR
-    path.write_text(json.dumps(sidecar(model, fmt, len(state), source), indent=1))
+    path.write_text(meta)
     return path
 
 
-def _torchscript(model, encode, step, images, tokens, state, out: Path) -> None:
+@torch.no_grad()
+def reference_ids(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """What an export computes, by the checkpoint's own code: plain greedy (no n-gram
+    blocking), ids (B, T) with <eos> and <pad>."""
+    v = model.vocab
+    feats = model.with_attributes(model.encoder(images, grid=model.decoder.uses_grid))
+    return greedy(model.decoder, feats, v.bos_id, v.eos_id, int(model.decoding["max_len"])).tokens
+
+
+def _torchscript(model, encode, step, images, tokens, state, out: Path, meta: str) -> None:
     v = model.vocab
     enc = torch.jit.trace(encode, (images,), check_trace=False)
     stp = torch.jit.trace(_TupleStep(step), (tokens, tuple(state)), check_trace=False)
-    greedy = GreedyCaptioner(
+    loop = GreedyCaptioner(
         enc, stp, list(v.tokens), v.bos_id, v.eos_id, v.pad_id, int(model.decoding["max_len"])
     )
-    scripted = torch.jit.script(greedy)
-    n = len(state)
-    meta = json.dumps(sidecar(model, "torchscript", n, ""))
+    scripted = torch.jit.script(loop)
     torch.jit.save(scripted, str(out / FILES["torchscript"]["model"]), _extra_files={SIDECAR: meta})
 
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from imcap.errors import UserError
-from imcap.model.export import FORMATS, export_model
+from imcap.model.export import FORMATS, export_model, reference_ids
 from imcap.model.module import Captioner, load_captioner
 from imcap.pipeline.run import output_dir, quiet_known_noise
 
@@ -58,7 +58,7 @@ def verify(model: Captioner, meta_path: Path, n: int, seed: int = 0) -> int | No
     meta = json.loads(meta_path.read_text())
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(n, *meta["preprocess"]["input_size"], generator=g) * 2 - 1  # (n, 3, H, W)
-    expected = model.caption(images, beam_size=1)
+    expected = [model.vocab.decode(t) for t in reference_ids(model, images).tolist()]
     got = run_export(meta_path, images)
     if got is None:
         return None
