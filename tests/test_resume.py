@@ -40,6 +40,9 @@ def test_resume_auto_continues_in_the_same_directory(first_run: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     assert [p.name for p in (logs / "train" / "runs").iterdir()] == ["first"]  # no new run dir
     assert val_epochs(first_run) == [0, 1, 2]  # metrics.csv: every epoch once, none repeated
+    with (first_run / "csv" / "metrics.csv").open() as fh:
+        lr_steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("lr-AdamW")]
+    assert len(lr_steps) == 3 == len(set(lr_steps))  # step-only rows (learning rate) kept too
     state = torch.load(first_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["epoch"] == 2
     curves = next(v for k, v in state["callbacks"].items() if k == "Curves")
@@ -79,5 +82,7 @@ def test_bad_resumes_are_one_line(first_run: Path, tmp_path: Path) -> None:
     assert f"ckpt_path={ckpt}" in error(f"resume={ckpt}")  # a file: says what to use instead
     assert "not both" in error(f"resume={first_run}", f"ckpt_path={ckpt}")
     assert resume_overrides(["trainer.max_epochs=3"]) == ["trainer.max_epochs=3"]  # no resume
+    resolved = resume_overrides([f"resume={first_run}"])
+    assert resume_overrides(resolved) == resolved  # a DDP worker re-runs the resolved line
     res = cli("train.py", "resume=auto", f"paths.log_dir={tmp_path / 'none'}")  # the entry point
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "resume=auto" in res.stderr

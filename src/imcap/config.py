@@ -147,7 +147,11 @@ def resume_overrides(argv: Sequence[str]) -> list[str]:
     resume = _value(argv, "resume")
     if resume in (None, "", "null", "None"):
         return argv
-    if _value(argv, "ckpt_path") not in (None, "", "null", "None"):
+    ckpt = _value(argv, "ckpt_path")
+    if ckpt not in (None, "", "null", "None"):
+        run = Path(os.path.abspath(os.path.expanduser(resume)))
+        if Path(ckpt) == run / LAST_CKPT and _value(argv, "paths.output_dir") == str(run):
+            return argv  # resolved already: a DDP worker re-running the resolved command line
         raise UserError(
             "give resume=<run dir> (continue in that directory) or ckpt_path=<.ckpt> (a new "
             "directory), not both"

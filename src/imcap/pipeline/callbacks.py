@@ -254,13 +254,18 @@ class ContinueMetrics(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning.pytorch.loggers import CSVLogger
 
-        start = trainer.current_epoch  # restored from the checkpoint: the first epoch to run
+        # restored from the checkpoint: the first epoch and step to run
+        start, step = trainer.current_epoch, trainer.global_step
+
+        def before(r: dict[str, str]) -> bool:  # rows without an epoch (learning rate): by step
+            if r.get("epoch"):
+                return int(float(r["epoch"])) < start
+            return bool(r.get("step")) and int(float(r["step"])) < step
+
         keep = [
             r
             for r in self.rows
-            if r.get("epoch") not in (None, "")
-            and int(float(r["epoch"])) < start
-            and not any(k.startswith(self.FINAL) and v != "" for k, v in r.items())
+            if before(r) and not any(k.startswith(self.FINAL) and v != "" for k, v in r.items())
         ]
         if not keep or not trainer.is_global_zero:
             return
