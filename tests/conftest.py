@@ -90,8 +90,13 @@ def trained(shared: Path) -> dict:
     return {"metrics": metrics, "ckpt": metrics["best_checkpoint"], "out": shared / "trained"}
 
 
-def cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def cli(
+    script: str, *args: str, cwd: Path = ROOT, warnings: bool = False
+) -> subprocess.CompletedProcess:
+    """Run src/<script>; Python warnings are off unless `warnings` (a test that asserts on them)."""
     env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    if warnings:
+        env.pop("PYTHONWARNINGS")
     return subprocess.run(
         [sys.executable, str(ROOT / "src" / script), *args],
         capture_output=True,

@@ -124,4 +124,6 @@ def test_debug_fast_run_is_quick_and_logs_lines_not_bar_redraws(tmp_path: Path) 
     assert res.returncode == 0, res.stderr[-2000:]
     log = res.stdout + res.stderr  # not a terminal: no progress-bar redraws
     assert len(log.encode()) < 50_000 and "\r" not in log
+    # the model summary, once, without Lightning's column of zero FLOPs (no example input)
+    assert log.count("Total params") == 1 and "Total Flops" not in log and "FLOPs" not in log
     assert (tmp_path / "run" / "metrics.json").exists()

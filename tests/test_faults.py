@@ -159,7 +159,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_nonzero(shared: Path, tm
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM: schedulers requeue on it
     last = out / "checkpoints" / "last.ckpt"
-    assert f"ckpt_path={last}" in err and "Traceback" not in err
+    assert f"python src/train.py resume={out}" in err and "Traceback" not in err
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["epoch"] >= 1  # at least the two validated epochs are kept
     metrics = resume(shared, tmp_path / "resumed", last, state["epoch"] + 2)

@@ -1,7 +1,7 @@
 """Command-line entry points, one per task, each a Hydra app over conf/<task>.yaml.
 
     python src/train.py key=value ...      (the checkout's scripts)
-    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-prepare)
+    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-export, imcap-prepare)
     python -m imcap train key=value ...
 
 Heavy libraries (torch, Lightning, timm) are imported only once the task runs, so `--help` and a
@@ -11,17 +11,20 @@ misspelt key answer at once.
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from imcap.config import CONF_DIR, preflight, set_project_root
-from imcap.errors import cli_errors
+from imcap.config import CONF_DIR, preflight, resume_overrides, set_project_root
+from imcap.errors import UserError, cli_errors
 
 TASKS = {  # command -> (config name, function of the composed config)
     "train": ("train", "imcap.pipeline.run:train"),
     "eval": ("eval", "imcap.pipeline.run:evaluate"),
     "caption": ("caption", "imcap.pipeline.run:caption"),
+    "export": ("export", "imcap.pipeline.export:export"),
     "prepare": ("prepare", "imcap.pipeline.prepare:prepare"),
 }
 
@@ -39,8 +42,32 @@ def run_task(task: str) -> Any:
     def main(cfg: Any) -> Any:
         return getattr(importlib.import_module(module), name)(cfg)
 
+    if task == "train" and not any(a.startswith("-") for a in sys.argv[1:]):
+        continue_in_place()
     preflight(config_name)  # a misspelt key: one line naming it and the valid ones
     return main()
+
+
+def continue_in_place() -> None:
+    """`resume=<run dir>|auto`: rewrite the command line to continue that run in its own
+    directory (its overrides, last.ckpt, output folder), keeping its previous Hydra config."""
+    try:
+        argv = resume_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if argv == sys.argv[1:]:
+        return
+    run = Path(next(a for a in argv if a.startswith("resume=")).split("=", 1)[1])
+    saved = run / ".hydra"
+    if saved.is_dir():  # Hydra rewrites config.yaml & co. in place: keep the previous ones
+        n = 1 + len(list(saved.glob("before_resume_*")))
+        keep = saved / f"before_resume_{n}"
+        keep.mkdir()
+        for f in saved.glob("*.yaml"):
+            shutil.copy2(f, keep / f.name)
+    print(f"resuming {run} from checkpoints/last.ckpt", file=sys.stderr)
+    sys.argv[1:] = argv
 
 
 def _entry(task: str) -> Callable[[], Any]:
@@ -52,7 +79,9 @@ def _entry(task: str) -> Callable[[], Any]:
     return entry
 
 
-train, evaluate, caption, prepare = (_entry(t) for t in ("train", "eval", "caption", "prepare"))
+train, evaluate, caption, export, prepare = (
+    _entry(t) for t in ("train", "eval", "caption", "export", "prepare")
+)
 
 
 def main() -> None:

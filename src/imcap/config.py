@@ -117,3 +117,91 @@ def describe_error(config_name: str, overrides: list[str], err: BaseException) -
     msg = msg.split("Config search path", 1)[0]  # Hydra's search-path dump says nothing useful
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(lines) or type(err).__name__
+
+
+# -- resume=<run dir>|auto: continue a run in its own directory ---------------------------------
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _value(argv: Sequence[str], key: str) -> str | None:
+    found = [a.split("=", 1)[1] for a in argv if "=" in a and _key(a) == key]
+    return found[-1] if found else None
+
+
+def newest_run(log_dir: Path) -> Path | None:
+    """The train run under `log_dir` whose last.ckpt was written last (None: there is none)."""
+    lasts = list((log_dir / "train" / "runs").glob(f"*/{LAST_CKPT.as_posix()}"))
+    return max(lasts, key=lambda p: p.stat().st_mtime).parents[1] if lasts else None
+
+
+def resume_overrides(argv: Sequence[str]) -> list[str]:
+    """`resume=<run dir>|auto` as the overrides that continue that run in place: the run's own
+    overrides (its .hydra/overrides.yaml), this command line's on top (`trainer.max_epochs=N`),
+    its directory as the output directory and its checkpoints/last.ckpt as ckpt_path. Without
+    `resume` the line is returned unchanged."""
+    argv = list(argv)
+    resume = _value(argv, "resume")
+    if resume in (None, "", "null", "None"):
+        return argv
+    ckpt = _value(argv, "ckpt_path")
+    if ckpt not in (None, "", "null", "None"):
+        run = Path(os.path.abspath(os.path.expanduser(resume)))
+        if Path(ckpt) == run / LAST_CKPT and _value(argv, "paths.output_dir") == str(run):
+            return argv  # resolved already: a DDP worker re-running the resolved command line
+        raise UserError(
+            "give resume=<run dir> (continue in that directory) or ckpt_path=<.ckpt> (a new "
+            "directory), not both"
+        )
+    for key in ("paths.output_dir", "hydra.run.dir"):
+        if _value(argv, key) is not None:
+            raise UserError(f"resume= continues in the run's own directory: drop {key}=")
+    given = [a for a in argv if _key(a) != "resume"]
+    if resume == "auto":
+        log_dir = Path(str(_compose("train", _overrides(given) or []).paths.log_dir))
+        run = newest_run(log_dir)
+        if run is None:
+            raise UserError(
+                f"resume=auto: no run under {log_dir / 'train' / 'runs'} has {LAST_CKPT}; start "
+                "one with python src/train.py, or name a run with resume=<run dir>"
+            )
+    else:
+        run = Path(os.path.abspath(os.path.expanduser(resume)))
+        if run.is_file():
+            raise UserError(
+                f"resume={resume} is a file: resume takes a run directory (the folder holding "
+                f"{LAST_CKPT}); to start a new directory from a checkpoint use ckpt_path={resume}"
+            )
+        if not run.is_dir():
+            raise UserError(f"resume={resume}: no such run directory")
+    if not (run / LAST_CKPT).is_file():
+        raise UserError(
+            f"resume={resume}: {run / LAST_CKPT} is missing (the run saved no checkpoint); "
+            "start a new run, or resume another checkpoint with ckpt_path=<.ckpt>"
+        )
+    merged: dict[str, str] = {}
+    saved = run / ".hydra" / "overrides.yaml"
+    if saved.is_file():
+        from omegaconf import OmegaConf
+
+        for o in OmegaConf.to_container(OmegaConf.load(saved)) or []:
+            if _key(o) not in ("resume", "ckpt_path", "paths.output_dir") and not o.startswith(
+                "hydra"
+            ):
+                merged[_key(o)] = str(o)
+    else:
+        print(f"note: {saved} not found: only this command line's overrides apply", file=sys.stderr)
+    for o in given:
+        old = merged.get(_key(o), "")
+        prefix = old[: len(old) - len(old.lstrip("+"))] if not o.startswith(("+", "~")) else ""
+        merged[_key(o)] = prefix + o  # `+trainer.x=1` then `trainer.x=2`: still an addition
+    return [
+        *merged.values(),
+        f"resume={run}",
+        f"ckpt_path={run / LAST_CKPT}",
+        f"paths.output_dir={run}",
+        f"hydra.run.dir={run}",
+    ]

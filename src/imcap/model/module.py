@@ -327,9 +327,19 @@ class Captioner(L.LightningModule):
         return torch.as_tensor(self._cider(words, ids), dtype=torch.float32, device=tokens.device)
 
     def on_train_epoch_end(self) -> None:
-        if self.data_link is not None:
-            for k, v in self.data_link.bad_counts.items():
-                self.log(f"data/bad_images_{k}", float(v), rank_zero_only=True)
+        """Unreadable images skipped so far. `extraction` is the shared feature cache's count,
+        the same on every process (all-reduced as a mean: unchanged); `train` and `eval` are
+        counted by each process over its own shard, so they are summed across processes, and
+        with more than one process every process logs both (zeros too): the collectives match."""
+        if self.data_link is None:
+            return
+        counts, many = self.data_link.bad_counts, self.trainer.world_size > 1
+        if counts.get("extraction"):
+            self.log("data/bad_images_extraction", float(counts["extraction"]), sync_dist=many)
+        for k in ("train", "eval"):
+            if many or counts.get(k):
+                v = float(counts.get(k, 0))
+                self.log(f"data/bad_images_{k}", v, sync_dist=many, reduce_fx="sum")
 
     # -- evaluation ---------------------------------------------------------------------------
     def _eval_step(self, batch: Batch) -> None:

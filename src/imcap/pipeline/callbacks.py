@@ -3,6 +3,7 @@ staged CNN fine-tuning, progress lines for log files."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from timm.models import group_parameters
@@ -73,6 +75,31 @@ class Checkpoint(ModelCheckpoint):
         trainer.save_checkpoint(path)  # mid-epoch state: the resume restarts that epoch
         self.last_model_path = str(path)
         log.warning("stopped (%s): saved %s", type(exception).__name__, path)
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's model summary without the FLOPs column and its "0 Total Flops" line:
+    Lightning counts FLOPs only by running `example_input_array`, which a captioner (images and
+    captions, or cached features) does not have, so every count it prints is 0."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+        columns = [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
+        )
+        lines = [ln for ln in table.splitlines() if not ln.endswith("Total Flops")]
+        log.info("\n" + "\n".join(lines))
 
 
 class SampleCaptions(L.Callback):
@@ -196,9 +223,68 @@ class EncoderFinetuning(BaseFinetuning):
         )
 
 
+class ContinueMetrics(L.Callback):
+    """A run resumed in its own directory keeps one metrics.csv: the rows of the epochs before
+    the resume point are written back once fitting restarts (Lightning's CSVLogger deletes the
+    file it finds). Rows of epochs the resume repeats, and the final val_best/test rows of an
+    earlier finish, are dropped, so every epoch appears once."""
+
+    FINAL = ("val_best/", "test/")
+
+    def __init__(self, rows: list[dict[str, str]]) -> None:
+        self.rows = rows
+
+    @staticmethod
+    def take(loggers: list[Any]) -> list[dict[str, str]]:
+        """The CSV logger's existing rows, with its files moved out of Lightning's way (before
+        the logger first writes: it would warn and delete them)."""
+        from lightning.pytorch.loggers import CSVLogger
+
+        rows: list[dict[str, str]] = []
+        for lg in loggers:
+            if isinstance(lg, CSVLogger):
+                path = Path(lg.log_dir) / "metrics.csv"
+                if path.is_file():
+                    with path.open(newline="") as fh:
+                        rows = list(csv.DictReader(fh))
+                    path.unlink()
+                (Path(lg.log_dir) / "hparams.yaml").unlink(missing_ok=True)  # rewritten
+        return rows
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        # restored from the checkpoint: the first epoch and step to run
+        start, step = trainer.current_epoch, trainer.global_step
+
+        def before(r: dict[str, str]) -> bool:  # rows without an epoch (learning rate): by step
+            if r.get("epoch"):
+                return int(float(r["epoch"])) < start
+            return bool(r.get("step")) and int(float(r["step"])) < step
+
+        keep = [
+            r
+            for r in self.rows
+            if before(r) and not any(k.startswith(self.FINAL) and v != "" for k, v in r.items())
+        ]
+        if not keep or not trainer.is_global_zero:
+            return
+        keys = sorted({k for r in keep for k in r})
+        for lg in trainer.loggers:
+            if isinstance(lg, CSVLogger):
+                writer = lg.experiment
+                with open(writer.metrics_file_path, "w", newline="") as fh:
+                    out = csv.DictWriter(fh, fieldnames=keys)
+                    out.writeheader()
+                    out.writerows(keep)
+                writer.metrics_keys = list(keys)
+        log.info("continued metrics.csv: %d rows of epochs 0-%d kept", len(keep), start - 1)
+
+
 class Curves(L.Callback):
     """Per-epoch training loss and validation scores, drawn to `curves.png` after every epoch
-    (so an interrupted run still has its curves) and sent to image-capable loggers."""
+    (so an interrupted run still has its curves) and sent to image-capable loggers. The history
+    is part of the checkpoint, so a resumed run draws every epoch."""
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
@@ -206,6 +292,19 @@ class Curves(L.Callback):
         self.epoch_seconds: list[float] = []
         self._loss_sum, self._loss_n = 0.0, 0
         self._t0 = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "epoch_seconds": self.epoch_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a mid-epoch checkpoint restarts its epoch: keep only the epochs before it
+        start = trainer.current_epoch
+        self.history = [r for r in self.history if r["epoch"] < start]
+        self.epoch_seconds = self.epoch_seconds[:start]  # one entry per trained epoch
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()

@@ -37,6 +37,11 @@ _HARMLESS = (
     r"Found \d+ module\(s\) in eval mode.*",  # the frozen encoder stays in eval mode on purpose
     r"Precision .* is not supported by the model summary.*",  # the size column is approximate
     r"Detected pickle protocol \d+ in the checkpoint.*",  # Lightning writes protocol 4; loads fine
+    # DDP: caption scores are computed once from every rank's gathered captions and broadcast
+    # (Captioner._score), so each rank logs the same global value; nothing to all-reduce
+    r"It is recommended to use `self.log\('(val|val_best|test)/[^']+', \.\.\., sync_dist=True\)`.*",
+    # DDP validate/test: the sampler pads with repeated images; _score keeps each image once
+    r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(validate|test)\(\)`.*",
 )
 
 
@@ -152,7 +157,9 @@ def stopped_message(trainer: L.Trainer, why: str) -> str:
     if last and Path(last).is_file():
         return (
             f"training stopped ({why}) in epoch {trainer.current_epoch}; resumable checkpoint "
-            f"{last}: continue with ckpt_path={last} (same overrides)"
+            f"{last}: continue in the same run directory with `python src/train.py "
+            f"resume={Path(last).parents[1]}` (its overrides are reapplied; add e.g. "
+            "trainer.max_epochs=N to change them)"
         )
     return f"training stopped ({why}) in epoch {trainer.current_epoch}; no checkpoint was saved"
 
@@ -175,6 +182,16 @@ def train(cfg: DictConfig) -> float | None:
             "a trainable / fine-tuned encoder needs mode=joint (two_step trains on frozen features)"
         )
     trust = bool(cfg.get("trust_checkpoint"))  # unpickle checkpoints in full (opt-in)
+    if cfg.get("resume") and not cfg.get("ckpt_path"):
+        raise UserError(
+            "resume= is turned into overrides by the entry point (src/train.py); in code, compose "
+            "the config with imcap.config.resume_overrides(overrides)"
+        )
+    # resume=<run dir> (or ckpt_path=<out>/checkpoints/last.ckpt): continue in this directory
+    in_place = (
+        bool(cfg.get("ckpt_path"))
+        and Path(str(cfg.ckpt_path)).resolve().parents[1] == out.resolve()
+    )
     model = build_model(cfg)
     if cfg.get("ckpt_path"):
         check_resume_vocab(cfg.ckpt_path, model.vocab, trust, model)
@@ -191,12 +208,25 @@ def train(cfg: DictConfig) -> float | None:
         if "enable_progress_bar" not in cfg.trainer:
             extra["enable_progress_bar"] = False
         callbacks.append(ProgressLog())
+    if cfg.trainer.get("enable_model_summary", True):  # ours: no column of zero FLOPs
+        from imcap.pipeline.callbacks import ModelSummary
+
+        callbacks.append(ModelSummary(max_depth=1))
+    extra["enable_model_summary"] = False  # Lightning's own: replaced by the one above
     if "plugins" not in cfg.trainer:  # checkpoints written to a temp file, then renamed
         from imcap.pipeline.callbacks import AtomicCheckpointIO
 
         extra["plugins"] = [AtomicCheckpointIO()]
+    loggers = make_loggers(cfg)
+    if in_place:
+        from imcap.pipeline.callbacks import ContinueMetrics
+
+        rows = ContinueMetrics.take(loggers) if rank_zero_only.rank == 0 else []
+        callbacks.append(ContinueMetrics(rows))
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+        log.info("resuming in place: %s (from %s)", out, cfg.ckpt_path)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=make_loggers(cfg) or False, **extra
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra
     )
     for lg in trainer.loggers:
         lg.log_hyperparams(plain(cfg))
