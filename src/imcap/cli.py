@@ -1,7 +1,7 @@
 """Command-line entry points, one per task, each a Hydra app over conf/<task>.yaml.
 
     python src/train.py key=value ...      (the checkout's scripts)
-    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-prepare)
+    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-prepare, imcap-serve)
     python -m imcap train key=value ...
 
 Heavy libraries (torch, Lightning, timm) are imported only once the task runs, so `--help` and a
@@ -23,6 +23,7 @@ TASKS = {  # command -> (config name, function of the composed config)
     "eval": ("eval", "imcap.pipeline.run:evaluate"),
     "caption": ("caption", "imcap.pipeline.run:caption"),
     "prepare": ("prepare", "imcap.pipeline.prepare:prepare"),
+    "serve": ("serve", "imcap.serve.app:serve"),
 }
 
 
@@ -52,7 +53,9 @@ def _entry(task: str) -> Callable[[], Any]:
     return entry
 
 
-train, evaluate, caption, prepare = (_entry(t) for t in ("train", "eval", "caption", "prepare"))
+train, evaluate, caption, prepare, serve = (
+    _entry(t) for t in ("train", "eval", "caption", "prepare", "serve")
+)
 
 
 def main() -> None:
