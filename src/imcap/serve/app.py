@@ -316,7 +316,7 @@ def serve(cfg: Any) -> None:
         ) from None
     import torch
 
-    from imcap.pipeline.run import apply_decoding_overrides, quiet_known_noise
+    from imcap.pipeline.run import apply_decoding_overrides, plain, quiet_known_noise
 
     quiet_known_noise()
     host, port = str(cfg.host), int(cfg.port)
@@ -336,7 +336,7 @@ def serve(cfg: Any) -> None:
         max_images=int(cfg.max_images),
         max_beam_size=int(cfg.max_beam_size),
     )
-    examples = example_images(cfg.get("examples"), engine.model)
+    examples = example_images(plain(cfg.get("examples")), engine.model)
     app = create_app(engine, limits, examples)
     if host not in LOOPBACK:
         log.warning("listening on %s: anyone who can reach this machine can use the demo "
