@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.install.stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all lint format clean clean-cache bench bench-data recipe
+.PHONY: help install train demo test test-slow test-all lint format clean clean-cache bench bench-data recipe
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -13,13 +13,16 @@ help: ## show this help
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,demo]"
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install imcap with its dev tools
+install: $(STAMP) ## create .venv and install imcap with its dev tools and the web demo
 
 train: $(STAMP) ## train on the built-in synthetic dataset (pass ARGS="encoder=resnet50 ...")
 	$(PY) src/train.py $(ARGS)
+
+demo: $(STAMP) ## web demo + JSON API on http://127.0.0.1:8000 (CKPT=<.ckpt>; default: the newest run's best)
+	$(PY) src/serve.py $(if $(CKPT),ckpt_path=$(CKPT)) $(ARGS)
 
 test: $(STAMP) ## fast test tier (< 15 min on 2 CPU cores)
 	$(PY) -m pytest -m "not slow and not gpu" -q

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,85 @@ def cli(
         cwd=cwd,
         timeout=600,
     )
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height pixels in a few bytes (no pixel data at all)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+# -- the web demo: a tiny checkpoint and a real server ------------------------------------------
+DEMO_WORDS = ["a", "red", "blue", "circle", "square", "left", "of", "on", "the", "right"]
+
+
+def demo_checkpoint(path: Path, attention: bool = True, seed: int = 0, **extra) -> Path:
+    """A small untrained checkpoint in train.py's format (hyperparameters, weights, epoch, the
+    checkpoint callback's state): resnet18 at 96 px, a 3x3 grid for attention. Captions are
+    word salad, but deterministic, which is all the demo's tests need."""
+    from imcap.data.text import Vocab
+    from imcap.model.module import Captioner
+
+    torch.manual_seed(seed)
+    vocab = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
+    dec = {"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0}
+    if attention:
+        dec = {**dec, "_target_": "imcap.model.decoder.AttentionDecoder", "attention_dim": 16}
+    data = {"name": "synthetic", "root": None, "source": {"seed": 0, "image_size": 96}}
+    model = Captioner(vocab, {"name": "resnet18", "img_size": 96}, dec, data=data).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "epoch": 2,
+            "global_step": 30,
+            "pytorch-lightning_version": "2.6.6",
+            "hyper_parameters": dict(model.hparams),
+            "state_dict": model.state_dict(),
+            **extra,
+        },
+        path,
+    )
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port in a thread; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -18,7 +18,7 @@ from imcap.pipeline.datamodule import data_options
 from imcap.pipeline.run import build_model
 
 PKG = ROOT / "src" / "imcap"
-LAYERS = ["data", "eval", "model", "pipeline"]  # each may import only those before it
+LAYERS = ["data", "eval", "model", "pipeline", "serve"]  # each may import only those before it
 BASE = {"errors", "config"}  # imported by every layer, import no layer
 
 
@@ -130,13 +130,20 @@ def test_checkpoints_written_before_the_layout_change_still_load() -> None:
 
 
 def test_console_entry_points_and_python_m_imcap() -> None:
-    """`make install` puts imcap-train/-eval/-caption/-prepare on PATH; `python -m imcap <task>`
+    """`make install` puts imcap-train/-eval/-caption/-export/-prepare/-serve on PATH; `python -m imcap <task>`
     works too; both answer --help without importing torch (fast) and check keys first."""
     import subprocess
     import sys
 
     bindir = Path(sys.executable).parent
-    for name in ("imcap-train", "imcap-eval", "imcap-caption", "imcap-prepare"):
+    for name in (
+        "imcap-train",
+        "imcap-eval",
+        "imcap-caption",
+        "imcap-export",
+        "imcap-prepare",
+        "imcap-serve",
+    ):
         assert (bindir / name).is_file(), f"{name} is not installed: run make install"
     res = subprocess.run(
         [str(bindir / "imcap-caption"), "--help"], capture_output=True, text=True, timeout=120

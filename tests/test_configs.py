@@ -94,6 +94,14 @@ def test_eval_and_caption_compose() -> None:
     assert cfg.images == "a.jpg"
 
 
+def test_serve_composes_and_is_local_by_default() -> None:
+    cfg = compose_cfg("serve", [])
+    assert cfg.host == "127.0.0.1" and cfg.ckpt_path is None and not cfg.trust_checkpoint
+    assert cfg.max_upload_mb > 0 and cfg.model.beam_size is None
+    cfg = compose_cfg("serve", ["ckpt_path=x.ckpt", "port=9000", "model.beam_size=3"])
+    assert cfg.port == 9000 and cfg.model.beam_size == 3
+
+
 def test_runtime_values_are_missing_until_filled() -> None:
     base = OmegaConf.load(CONF / "data" / "_base.yaml")
     assert OmegaConf.is_missing(base, "name") and OmegaConf.is_missing(base, "root")

@@ -96,6 +96,31 @@ def test_beam_score_is_sum_of_log_probs() -> None:
         torch.testing.assert_close(total, b.scores[i], atol=1e-4, rtol=1e-4)
 
 
+def test_all_final_beams_come_best_first_with_their_log_probs() -> None:
+    """The n-best list (the web demo's beams): the first is the caption decoding returns, the
+    rest are distinct and ranked by score, and each log-prob is its words' teacher-forced sum."""
+    dec = make("lstm")
+    f = feats()
+    b = beam_search(dec, f, BOS, EOS, max_len=8, beam_size=4, alpha=0.7)
+    assert b.beams.shape[:2] == (B, 4) and b.beam_scores.shape == b.beam_logprobs.shape == (B, 4)
+    torch.testing.assert_close(b.beams[:, 0], b.tokens)
+    torch.testing.assert_close(b.beam_scores[:, 0], b.scores)
+    assert (b.beam_scores[:, :-1] >= b.beam_scores[:, 1:]).all()
+    for i in range(B):
+        assert len({tuple(t.tolist()) for t in b.beams[i]}) == 4
+        for k in range(4):
+            seq = b.beams[i, k]
+            n = int((seq != 0).sum())
+            inp = torch.cat([torch.tensor([BOS]), seq[: n - 1]])[None]
+            logits = dec(Features(f.pooled[i : i + 1]), inp).logits[0]
+            logits[:, [0, BOS, 3]] = float("-inf")
+            total = F.log_softmax(logits, -1).gather(1, seq[:n, None]).sum()
+            torch.testing.assert_close(total, b.beam_logprobs[i, k], atol=1e-4, rtol=1e-4)
+    g = greedy(dec, f, BOS, EOS, max_len=8)
+    torch.testing.assert_close(g.beams[:, 0], g.tokens)
+    torch.testing.assert_close(g.beam_logprobs[:, 0], g.scores)
+
+
 def test_decoding_stops_at_eos_and_pads_after() -> None:
     dec = make("lstm")
     with torch.no_grad():  # make <eos> overwhelmingly likely after the first word

@@ -6,16 +6,14 @@ import csv
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli, tiny_overrides
+from conftest import ROOT, cli, png_header, tiny_overrides
 
 from imcap.errors import UserError
 from imcap.model.module import load_captioner
@@ -185,19 +183,6 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(shared: Path, tmp_path: Path
 
 
 # -- decompression bombs are bad images, not crashes ----------------------------------------------
-def png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG that declares width x height pixels in a few bytes (no pixel data at all)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    return path
-
-
 def test_decompression_bombs_are_skipped_or_named_never_decoded(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -19,13 +19,7 @@ README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"^```(?:bash|sh)\n(.*?)^```", README, re.S | re.M)
 LINES = [ln.split("  #")[0].strip() for b in BLOCKS for ln in b.splitlines() if ln.strip()]
 COMMANDS = [ln for ln in LINES if ln.startswith("python src/")]
-TASK_CONFIG = {
-    "train": "train",
-    "eval": "eval",
-    "caption": "caption",
-    "export": "export",
-    "prepare": "prepare",
-}
+TASK_CONFIG = {t: t for t in ("train", "eval", "caption", "export", "prepare", "serve")}
 
 
 def overrides(line: str) -> tuple[str, list[str]]:

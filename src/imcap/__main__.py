@@ -1,4 +1,4 @@
-"""python -m imcap <train|eval|caption|export|prepare> [key=value ...]"""
+"""python -m imcap <train|eval|caption|export|prepare|serve> [key=value ...]"""
 
 from imcap.cli import main
 

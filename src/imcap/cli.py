@@ -1,7 +1,8 @@
 """Command-line entry points, one per task, each a Hydra app over conf/<task>.yaml.
 
     python src/train.py key=value ...      (the checkout's scripts)
-    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-export, imcap-prepare)
+    imcap-train key=value ...              (installed by pip: imcap-eval, imcap-caption, imcap-export,
+                                            imcap-prepare, imcap-serve)
     python -m imcap train key=value ...
 
 Heavy libraries (torch, Lightning, timm) are imported only once the task runs, so `--help` and a
@@ -26,6 +27,7 @@ TASKS = {  # command -> (config name, function of the composed config)
     "caption": ("caption", "imcap.pipeline.run:caption"),
     "export": ("export", "imcap.pipeline.export:export"),
     "prepare": ("prepare", "imcap.pipeline.prepare:prepare"),
+    "serve": ("serve", "imcap.serve.app:serve"),
 }
 
 
@@ -79,8 +81,8 @@ def _entry(task: str) -> Callable[[], Any]:
     return entry
 
 
-train, evaluate, caption, export, prepare = (
-    _entry(t) for t in ("train", "eval", "caption", "export", "prepare")
+train, evaluate, caption, export, prepare, serve = (
+    _entry(t) for t in ("train", "eval", "caption", "export", "prepare", "serve")
 )
 
 

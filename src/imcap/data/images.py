@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import timm.data
 import torch
@@ -56,7 +56,7 @@ BAD_IMAGE_ERRORS = (
 )
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path | IO[bytes]) -> Image.Image:
     """Open and fully decode an image as RGB; raises one of BAD_IMAGE_ERRORS when bad.
 
     The pixel count is checked from the header, before any decoding, so a tiny file that

@@ -46,6 +46,10 @@ class Decoded:
     tokens: torch.Tensor  # (B, T) ids, <eos> included, <pad> after
     scores: torch.Tensor  # (B,) sum of log-probabilities (beam: after the length penalty)
     alphas: torch.Tensor | None = None  # (B, T, N) attention over regions per emitted word
+    # every final beam, best first (greedy: the one caption), for n-best lists such as the demo's
+    beams: torch.Tensor | None = None  # (B, K, T)
+    beam_scores: torch.Tensor | None = None  # (B, K) ranking scores (after the length penalty)
+    beam_logprobs: torch.Tensor | None = None  # (B, K) sums of word log-probabilities
 
 
 @torch.no_grad()
@@ -81,7 +85,15 @@ def greedy(
         prev = word
         if bool(done.all()):
             break
-    return Decoded(torch.stack(out, 1), score, torch.stack(alphas, 1) if alphas else None)
+    tokens = torch.stack(out, 1)  # (B, T)
+    return Decoded(
+        tokens,
+        score,
+        torch.stack(alphas, 1) if alphas else None,
+        tokens[:, None],
+        score[:, None],
+        score[:, None],
+    )
 
 
 def length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -155,8 +167,14 @@ def beam_search(
     final = scores / length_penalty(lengths, alpha)  # (B, K)
     best = final.argmax(-1)  # (B,)
     pick = torch.arange(B, device=device)
+    order = final.argsort(dim=-1, descending=True, stable=True)  # (B, K) best first
     return Decoded(
-        seqs[pick, best], final[pick, best], attn[pick, best] if attn is not None else None
+        seqs[pick, best],
+        final[pick, best],
+        attn[pick, best] if attn is not None else None,
+        seqs.gather(1, order[..., None].expand(-1, -1, seqs.size(-1))),
+        final.gather(1, order),
+        scores.gather(1, order),
     )
 
 

@@ -160,16 +160,21 @@ class Captioner(L.LightningModule):
         return feats
 
     def generate(
-        self, feats: Features, beam_size: int | None = None, return_attn: bool = False
+        self,
+        feats: Features,
+        beam_size: int | None = None,
+        return_attn: bool = False,
+        length_penalty: float | None = None,
     ) -> Decoded:
-        """Free-running decoding with the configured (or given) beam size."""
+        """Free-running decoding with the configured (or given) beam size and length penalty."""
         feats = self.with_attributes(feats)
         k = int(beam_size or self.decoding["beam_size"])
         v, max_len = self.vocab, int(self.decoding["max_len"])
         ngram = int(self.decoding["no_repeat_ngram_size"])
         if k <= 1:
             return greedy(self.decoder, feats, v.bos_id, v.eos_id, max_len, return_attn, ngram)
-        alpha = float(self.decoding["length_penalty"])
+        lp = self.decoding["length_penalty"] if length_penalty is None else length_penalty
+        alpha = float(lp)
         return beam_search(
             self.decoder, feats, v.bos_id, v.eos_id, max_len, k, alpha, return_attn, ngram
         )
@@ -588,7 +593,14 @@ def load_captioner(
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py>")
-    ckpt = read_checkpoint(p, trust)
+    return captioner_from(read_checkpoint(p, trust), p, map_location, **overrides)
+
+
+def captioner_from(
+    ckpt: dict, p: Path, map_location: str | torch.device = "cpu", **overrides: Any
+) -> Captioner:
+    """The model inside a checkpoint already read (`read_checkpoint`), so a caller that also
+    wants its other entries (epoch, callback state: the demo's model card) reads it once."""
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "vocab" not in hp:
         raise UserError(

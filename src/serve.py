@@ -1,0 +1,6 @@
+"""python src/serve.py [key=value ...]  (see conf/serve.yaml; installed as `imcap-serve`)"""
+
+from imcap.cli import serve
+
+if __name__ == "__main__":
+    serve()
