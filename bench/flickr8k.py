@@ -58,6 +58,21 @@ def beam_scores(ckpt: str, cfg, beam: int, length_penalty: float | None = None) 
     return model.scores["val"]
 
 
+def val_history(run_dir: Path) -> dict[str, float]:
+    """Greedy val CIDEr after each epoch (the run's CSV log), to compare runs epoch by epoch."""
+    import csv
+
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with open(path) as fh:
+        return {
+            r["epoch"]: round(float(r["val/CIDEr"]), 4)
+            for r in csv.DictReader(fh)
+            if r.get("val/CIDEr")
+        }
+
+
 def run(
     name: str, overrides: list[str], out: Path, beam: int, alphas: tuple[float, ...] = ()
 ) -> dict:
@@ -74,6 +89,7 @@ def run(
         "features": metrics.get("features"),
         "epoch_seconds": metrics.get("epoch_seconds"),
         "val_greedy": metrics["val"],
+        "val_greedy_cider_by_epoch": val_history(out / name),
     }
     if beam > 1:
         t = time.perf_counter()
