@@ -124,6 +124,9 @@ def test_drop_paste_and_example_images_caption_too(page_at) -> None:
             "document.body.dataset.state === 'busy' || document.body.dataset.state === 'done'"
         )
         assert wait_done(page) == api_caption(url, img, decoding="greedy"), how
+    # the example's bytes are fetched before captioning starts, so the previous image's "done"
+    # would still stand right after the click: clear it first, then wait for this one's
+    page.evaluate("document.body.dataset.state = 'clicked'")
     page.locator("#examples button.example").nth(3).click()
     shown = wait_done(page)
     data = httpx.get(f"{url}/api/examples/3").content
