@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -90,6 +91,14 @@ def trained(shared: Path) -> dict:
     train(compose_train(overrides))
     metrics = json.loads((shared / "trained" / "metrics.json").read_text())
     return {"metrics": metrics, "ckpt": metrics["best_checkpoint"], "out": shared / "trained"}
+
+
+def cli_popen(script: str, *args: str, **popen: Any) -> subprocess.Popen:
+    """`python src/<script> args` started in the background (text pipes; `popen` overrides)."""
+    env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    opts = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env}
+    cmd = [sys.executable, str(ROOT / "src" / script), *args]
+    return subprocess.Popen(cmd, **{**opts, **popen})
 
 
 def cli(

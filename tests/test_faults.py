@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli, png_header, tiny_overrides
+from conftest import cli, cli_popen, png_header, tiny_overrides
 
 from imcap.errors import UserError
 from imcap.model.module import load_captioner
@@ -94,14 +93,7 @@ def start_training(shared: Path, out: Path, *extra: str) -> subprocess.Popen:
     args = tiny_overrides(
         shared, f"paths.output_dir={out}", "test=false", "trainer.max_epochs=40", *extra
     )
-    env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "src" / "train.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return cli_popen("train.py", *args)
 
 
 def completed_epochs(out: Path) -> int:

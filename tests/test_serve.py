@@ -10,14 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, demo_checkpoint, free_port, live_server, png_header
+from conftest import ROOT, cli_popen, demo_checkpoint, free_port, live_server, png_header
 
 pytest.importorskip(
     "fastapi", reason="the web demo's extra is not installed: pip install -e '.[demo]'"
@@ -314,15 +313,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_nothing_runs(run, tmp_path: P
 
 
 def serve_cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "IMCAP_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "src" / "serve.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    return cli_popen("serve.py", *args, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def test_serve_cli_without_a_checkpoint_says_how_to_train_one(tmp_path: Path) -> None:

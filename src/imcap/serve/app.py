@@ -94,28 +94,30 @@ def _error(status: int, message: str) -> Any:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _param(values: Mapping[str, Any], key: str, cast: type, default: Any, what: str) -> Any:
+    """One request parameter as `cast`; missing or empty: `default`; unparsable: a 400."""
+    raw = values.get(key)
+    try:
+        return cast(raw) if raw not in (None, "") else cast(default)
+    except (TypeError, ValueError):
+        raise BadUpload(400, f"{key} must be {what}, got {raw!r}") from None
+
+
 def decoding_params(values: Mapping[str, Any], engine: Engine, limits: Limits) -> tuple[int, float]:
     """(beam size, length penalty) of a request; missing: the checkpoint's defaults."""
     d = engine.model.decoding
     mode = str(values.get("decoding") or "").strip().lower()
     if mode not in ("", "greedy", "beam"):
         raise BadUpload(400, f"decoding must be 'greedy' or 'beam', got {mode!r}")
-    raw = values.get("beam_size")
-    try:
-        beam = int(raw) if raw not in (None, "") else int(d["beam_size"])
-    except (TypeError, ValueError):
-        raise BadUpload(400, f"beam_size must be a whole number, got {raw!r}") from None
+    given = values.get("beam_size") not in (None, "")
+    beam = _param(values, "beam_size", int, d["beam_size"], "a whole number")
     if mode == "greedy":
         beam = 1
-    elif mode == "beam" and raw in (None, "") and beam < 2:
+    elif mode == "beam" and not given and beam < 2:
         beam = 3
     if not 1 <= beam <= limits.max_beam_size:
         raise BadUpload(400, f"beam_size must be 1..{limits.max_beam_size}, got {beam}")
-    raw = values.get("length_penalty")
-    try:
-        lp = float(raw) if raw not in (None, "") else float(d["length_penalty"])
-    except (TypeError, ValueError):
-        raise BadUpload(400, f"length_penalty must be a number, got {raw!r}") from None
+    lp = _param(values, "length_penalty", float, d["length_penalty"], "a number")
     if not 0.0 <= lp <= 5.0:
         raise BadUpload(400, f"length_penalty must be between 0 and 5, got {lp}")
     return beam, lp
