@@ -40,7 +40,7 @@ def test_readme_command_composes(line: str) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     task, args = overrides(line)
-    if task == "prepare":  # its archives=[a,b] list is Hydra syntax: keep the brackets
+    if task == "prepare" or "='[" in line:  # a Hydra list (archives=[a,b]): keep the brackets
         args = shlex.split(line)[2:]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

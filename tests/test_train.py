@@ -343,3 +343,6 @@ def test_tune_stages_refuses_what_it_cannot_split() -> None:
         Encoder("tf_efficientnet_lite0", tune_stages=7)
     with pytest.raises(UserError, match="works with EfficientNet/MobileNet and ResNet"):
         Encoder("vgg11", tune_stages=1)
+    for bad in (-1, True, "2", 1.5):  # a typo on the command line is named, not cast
+        with pytest.raises(UserError, match="tune_stages must be a whole number >= 0"):
+            Encoder("tf_efficientnet_lite0", tune_stages=bad)

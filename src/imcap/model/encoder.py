@@ -66,7 +66,13 @@ class Encoder(nn.Module):
         self.name = name
         self.pretrained = pretrained
         self.trainable = trainable
-        self.tune_stages = int(tune_stages or 0)
+        tune_stages = 0 if tune_stages is None else tune_stages
+        if isinstance(tune_stages, bool) or not isinstance(tune_stages, int) or tune_stages < 0:
+            raise UserError(
+                f"encoder.tune_stages must be a whole number >= 0 (0: frozen CNN), got "
+                f"{tune_stages!r}"
+            )
+        self.tune_stages = tune_stages
         try:
             self.model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         except RuntimeError as e:  # timm: "Unknown model (...)"
@@ -274,8 +280,6 @@ def _split_points(
     """Stem, stage and tail module names of a timm CNN, such that
     stem -> stages -> tail is its `forward_features`. Known layouts: EfficientNet/MobileNet
     (conv_stem, bn1, blocks.*, conv_head, bn2) and ResNet (conv1, bn1, act1, maxpool, layer1-4)."""
-    if tune_stages < 0 or isinstance(tune_stages, bool):
-        raise UserError(f"encoder.tune_stages must be a whole number >= 0, got {tune_stages!r}")
     if hasattr(model, "blocks") and hasattr(model, "conv_head") and hasattr(model, "bn2"):
         stem, tail = ["conv_stem", "bn1"], ["conv_head", "bn2"]
         stages = [f"blocks.{i}" for i in range(len(model.blocks))]

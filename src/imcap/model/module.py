@@ -29,6 +29,7 @@ from imcap.model.batch import Batch, DataLink
 from imcap.model.decoder import CaptionDecoder
 from imcap.model.decoding import Decoded, beam_search, greedy, sample
 from imcap.model.encoder import Encoder, Features
+from imcap.model.ensemble import EnsembleDecoder, EnsembleFeatures
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class Captioner(L.LightningModule):
         self.predictions: dict[str, dict[str, str]] = {}  # split -> image_id -> caption
         self.scores: dict[str, dict[str, float]] = {}  # split -> metric -> value
         self._scorer = None
+        self.partners = torch.nn.ModuleList()  # eval-time ensemble members (`join`); no weights
 
     # -- forward ------------------------------------------------------------------------------
     def connect(self, link: DataLink) -> None:
@@ -125,10 +127,47 @@ class Captioner(L.LightningModule):
             )
         return self.data_link
 
+    def join(self, others: Sequence[Captioner], names: Sequence[str] = ()) -> None:
+        """Decode as an ensemble with `others` (checkpoints of the same vocabulary and image
+        transform): every caption is then written from the mean of all members' word
+        distributions (imcap.model.ensemble). This model's decoding settings apply."""
+        names = list(names) or [f"member {i + 1}" for i in range(len(others) + 1)]
+        for other, name in zip(others, names[1:], strict=True):
+            if list(other.vocab.tokens) != list(self.vocab.tokens):
+                raise UserError(
+                    f"{name}: its vocabulary ({len(other.vocab)} words) differs from that of "
+                    f"{names[0]} ({len(self.vocab)} words); an ensemble picks words from one "
+                    "list, so ensemble checkpoints trained on the same captions with the same "
+                    "data.vocab settings"
+                )
+            mine, theirs = (
+                {k: m.encoder.data_config.get(k) for k in ("input_size", "mean", "std", "crop_pct")}
+                for m in (self, other)
+            )
+            if mine != theirs:
+                raise UserError(
+                    f"{name} reads images as {theirs}, {names[0]} as {mine}: members of an "
+                    "ensemble share one image transform (the same encoder input size and "
+                    "normalisation)"
+                )
+        self.partners = torch.nn.ModuleList(others)
+
+    def encode(self, images: torch.Tensor) -> Features:
+        """Transformed images (B, 3, H, W) -> the features `generate` takes (each member's own,
+        for an ensemble)."""
+        images = images.to(self.device)
+        own = self.with_attributes(self.encoder(images, grid=self.decoder.uses_grid))
+        if not len(self.partners):
+            return own
+        parts = [own, *(m.encode(images) for m in self.partners)]
+        return EnsembleFeatures(own.pooled, parts=parts)
+
     def features(self, batch: Batch) -> Features:
         """Cached features when the batch has them (two-step), else run the encoder (joint)."""
         if batch.pooled is None:
-            return self.with_attributes(self.encoder(batch.images, grid=self.decoder.uses_grid))
+            return self.encode(batch.images)
+        if len(self.partners):
+            raise UserError("an ensemble reads raw images: evaluate it with mode=joint")
         if not self.encoder.tune_stages:
             return self.with_attributes(Features(batch.pooled, batch.grid))
         return self.with_attributes(self.tuned_features(batch.grid, batch.rows))
@@ -167,22 +206,24 @@ class Captioner(L.LightningModule):
         length_penalty: float | None = None,
     ) -> Decoded:
         """Free-running decoding with the configured (or given) beam size and length penalty."""
-        feats = self.with_attributes(feats)
+        dec: Any = self.decoder
+        if isinstance(feats, EnsembleFeatures):
+            dec = EnsembleDecoder([self.decoder, *(m.decoder for m in self.partners)])
+        else:
+            feats = self.with_attributes(feats)
         k = int(beam_size or self.decoding["beam_size"])
         v, max_len = self.vocab, int(self.decoding["max_len"])
         ngram = int(self.decoding["no_repeat_ngram_size"])
         if k <= 1:
-            return greedy(self.decoder, feats, v.bos_id, v.eos_id, max_len, return_attn, ngram)
+            return greedy(dec, feats, v.bos_id, v.eos_id, max_len, return_attn, ngram)
         lp = self.decoding["length_penalty"] if length_penalty is None else length_penalty
         alpha = float(lp)
-        return beam_search(
-            self.decoder, feats, v.bos_id, v.eos_id, max_len, k, alpha, return_attn, ngram
-        )
+        return beam_search(dec, feats, v.bos_id, v.eos_id, max_len, k, alpha, return_attn, ngram)
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, beam_size: int | None = None) -> list[str]:
         """Captions for a batch of transformed images (B, 3, H, W)."""
-        feats = self.encoder(images.to(self.device), grid=self.decoder.uses_grid)
+        feats = self.encode(images)
         return [self.vocab.decode(t) for t in self.generate(feats, beam_size).tokens.tolist()]
 
     @torch.no_grad()

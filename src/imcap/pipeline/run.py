@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from imcap.data.images import ImageFiles, collate_images, list_images, make_transform
 from imcap.errors import UserError
@@ -60,7 +60,11 @@ def quiet_known_noise() -> None:
 
 def plain(cfg: Any) -> Any:
     """OmegaConf -> plain Python containers (what checkpoints and constructors get)."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return (
+        OmegaConf.to_container(cfg, resolve=True)
+        if isinstance(cfg, DictConfig | ListConfig)
+        else cfg
+    )
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -368,7 +372,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     quiet_known_noise()
     out = output_dir(cfg)
     check_metrics_env(cfg)
-    model = load_captioner(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
+    ckpts = plain(cfg.ckpt_path)
+    model = load_models(ckpts, trust=bool(cfg.get("trust_checkpoint")))
+    if len(model.partners) and cfg.get("mode", "joint") != "joint":
+        raise UserError("an ensemble (ckpt_path=[...]) reads raw images: use mode=joint")
     apply_decoding_overrides(model, cfg)
     model.metrics_cfg = plain(cfg.metrics)
     data = plain(cfg.data) if cfg.get("data") else dict(model.hparams.get("data") or {})
@@ -388,7 +395,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer.test(model, datamodule=dm, verbose=False)
     scores = model.scores[split]
     result = {
-        "checkpoint": str(cfg.ckpt_path),
+        "checkpoint": [str(p) for p in ckpts] if isinstance(ckpts, list) else str(ckpts),
         "split": split,
         "dataset": dm.name,
         "decoding": model.decoding,
@@ -404,6 +411,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     print("  ".join(f"{k} {100 * scores[k]:.2f}" for k in keys if k in scores))
     print(f"metrics : {metrics_path}\ncaptions: {captions_path}")
     return scores
+
+
+def load_models(ckpt_path: Any, map_location: str = "cpu", trust: bool = False) -> Captioner:
+    """`ckpt_path`: one checkpoint, or a list of them decoded as an ensemble (the mean of their
+    word distributions at every step; the first one's decoding settings)."""
+    if isinstance(ckpt_path, str | Path):
+        return load_captioner(ckpt_path, map_location=map_location, trust=trust)
+    paths = [str(p) for p in plain(ckpt_path)]
+    if not paths:
+        raise UserError("ckpt_path=[] names no checkpoint: give one path, or a list of them")
+    models = [load_captioner(p, map_location=map_location, trust=trust) for p in paths]
+    models[0].join(models[1:], paths)
+    log.info("ensemble of %d checkpoints: %s", len(paths), ", ".join(paths))
+    return models[0]
 
 
 def apply_decoding_overrides(model: Captioner, cfg: DictConfig) -> None:
@@ -427,9 +448,7 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
     quiet_known_noise()
     out = output_dir(cfg)
     device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
-    model = load_captioner(
-        cfg.ckpt_path, map_location=device, trust=bool(cfg.get("trust_checkpoint"))
-    )
+    model = load_models(cfg.ckpt_path, map_location=device, trust=bool(cfg.get("trust_checkpoint")))
     apply_decoding_overrides(model, cfg)
     paths = list_images(plain(cfg.images), download_dir=out / "downloads")
     files = ImageFiles(
@@ -450,8 +469,7 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
         if batch["index"].numel() == 0:
             continue
         with torch.no_grad():
-            feats = model.encoder(batch["images"].to(device), grid=model.decoder.uses_grid)
-            dec = model.generate(feats, return_attn=attention)
+            dec = model.generate(model.encode(batch["images"]), return_attn=attention)
         for j, i in enumerate(batch["index"].tolist()):
             text = model.vocab.decode(dec.tokens[j].tolist())
             row = {"image": str(paths[i]), "caption": text}
