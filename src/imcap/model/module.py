@@ -648,7 +648,8 @@ def captioner_from(
             f"{p} is not an imcap checkpoint (no vocabulary inside); train one with src/train.py"
         )
     hp = {**upgrade_hparams(hp), **overrides}
-    hp["encoder"] = {**hp["encoder"], "pretrained": False}  # weights come from the checkpoint
+    # the weights come from the checkpoint; encoder.pretrained stays as the record of where they
+    # came from before training (the Encoder loads nothing unless load_pretrained() is called)
     model = Captioner(**hp)
     try:
         model.load_state_dict(ckpt["state_dict"])

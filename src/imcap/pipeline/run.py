@@ -133,7 +133,7 @@ def build_model(cfg: DictConfig) -> Captioner:
     if cfg.get("init_from"):
         init = load_captioner(cfg.init_from, trust=bool(cfg.get("trust_checkpoint")))
         hp = dict(init.hparams)
-        model = Captioner(**{**hp, **run_args, "encoder": {**hp["encoder"], "pretrained": False}})
+        model = Captioner(**{**hp, **run_args})  # encoder.pretrained kept as a record only
         model.load_state_dict(init.state_dict())
         if plain(cfg.decoder) != hp["decoder"]:
             log.warning(
