@@ -16,6 +16,8 @@ from imcap.model.ensemble import EnsembleDecoder
 from imcap.model.module import Captioner, load_captioner
 from imcap.pipeline.run import load_models
 
+BANNED = (Vocab.pad_id, Vocab.bos_id, Vocab.unk_id)  # never in a caption
+
 
 def _pair(tmp_path: Path) -> tuple[Captioner, Captioner]:
     """Two different untrained members: an attention decoder and a Show-and-Tell one."""
@@ -31,7 +33,7 @@ def test_each_step_is_the_mean_of_the_members_distributions(tmp_path: Path) -> N
     a.join([b])
     feats = a.encode(images)
     fa, fb = feats.parts
-    dec = EnsembleDecoder([a.decoder, b.decoder])
+    dec = EnsembleDecoder([a.decoder, b.decoder], banned=BANNED)
     state, sa, sb = dec.init_state(feats), a.decoder.init_state(fa), b.decoder.init_state(fb)
     words = torch.tensor([Vocab.bos_id] * 3)
     with torch.no_grad():
@@ -39,6 +41,7 @@ def test_each_step_is_the_mean_of_the_members_distributions(tmp_path: Path) -> N
             mean, state, alpha = dec.step(words, state)
             la, sa, alpha_a = a.decoder.step(words, sa)
             lb, sb, _ = b.decoder.step(words, sb)
+            la[:, BANNED], lb[:, BANNED] = float("-inf"), float("-inf")
             expected = ((F.softmax(la, -1) + F.softmax(lb, -1)) / 2).log()  # (3, V)
             torch.testing.assert_close(mean, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(alpha, alpha_a)  # the first member's attention
@@ -52,11 +55,33 @@ def test_each_step_is_the_mean_of_the_members_distributions(tmp_path: Path) -> N
         for t in range(steps):
             la, sa, _ = a.decoder.step(prev, sa)
             lb, sb, _ = b.decoder.step(prev, sb)
+            la[:, BANNED], lb[:, BANNED] = float("-inf"), float("-inf")
             p = F.softmax(la, -1) + F.softmax(lb, -1)
-            p[:, [Vocab.pad_id, Vocab.bos_id, Vocab.unk_id]] = 0
             live = out.tokens[:, t] != Vocab.pad_id
             assert torch.equal(out.tokens[live, t], p.argmax(-1)[live])
             prev = out.tokens[:, t].clamp(min=Vocab.eos_id)
+
+
+def test_beam_search_ranks_by_the_ensembles_log_probabilities(tmp_path: Path) -> None:
+    """Beam 3 over two different members (attention + Show and Tell): the best beam's reported
+    log-probability is the sum of the mean distribution's log-probabilities of its words."""
+    a, b = _pair(tmp_path)
+    a.join([b])
+    torch.manual_seed(2)
+    feats = a.encode(torch.randn(4, 3, 96, 96))
+    out = a.generate(feats, beam_size=3)
+    dec = EnsembleDecoder([a.decoder, b.decoder], banned=BANNED)
+    state, total = dec.init_state(feats), torch.zeros(4)
+    prev = torch.full((4,), Vocab.bos_id)
+    with torch.no_grad():
+        for t in range(out.tokens.size(1)):
+            logp, state, _ = dec.step(prev, state)  # (4, V)
+            word = out.tokens[:, t]
+            live = word != Vocab.pad_id
+            total += torch.where(live, logp.gather(1, word[:, None]).squeeze(1), 0.0)
+            prev = torch.where(live, word, Vocab.eos_id)
+    torch.testing.assert_close(total, out.beam_logprobs[:, 0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.beams[:, 0], out.tokens)
 
 
 def test_an_ensemble_of_a_model_with_itself_is_that_model(tmp_path: Path) -> None:
@@ -78,30 +103,42 @@ def test_members_must_share_vocabulary_and_image_transform(tmp_path: Path) -> No
         a.join([other_vocab], ["a.ckpt", "b.ckpt"])
     same = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
     other_size = Captioner(same, {"name": "resnet18", "img_size": 64}, {"embed_dim": 8})
-    with pytest.raises(UserError, match="c.ckpt reads images as .*share one image transform"):
+    with pytest.raises(
+        UserError,
+        match=r"c.ckpt reads images with input_size \(3, 64, 64\) where a.ckpt has \(3, 96, 96\)",
+    ):
         a.join([other_size], ["a.ckpt", "c.ckpt"])
     with pytest.raises(UserError, match="names no checkpoint"):
         load_models([])
-    assert not len(a.partners)  # a refused join leaves the model alone
+    assert not a.members()  # a refused join leaves the model alone
 
 
 def test_eval_cli_scores_an_ensemble(trained: dict, shared: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     ckpt = trained["ckpt"]
+    other = tmp_path / "other.ckpt"  # a second member: the same model with its decoder shaken
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    for k, w in state["state_dict"].items():
+        if k.startswith("decoder.") and w.is_floating_point():
+            w.mul_(1 + 0.5 * torch.randn(w.shape, generator=gen))
+    torch.save(state, other)
     r = cli(
         "eval.py",
-        f"ckpt_path=[{ckpt},{ckpt}]",
+        f"ckpt_path=[{ckpt},{other}]",
         "split=val",
+        "model.beam_size=1",
         "metrics.meteor=false",
         f"hydra.run.dir={out}",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((out / "metrics_val.json").read_text())
-    assert result["checkpoint"] == [str(ckpt), str(ckpt)]
-    captions = json.loads((out / "captions_val.json").read_text())
+    assert result["checkpoint"] == [str(ckpt), str(other)]
+    captions = [c["caption"] for c in json.loads((out / "captions_val.json").read_text())]
     assert len(captions) == 80
-    images = [shared / "data" / "synthetic" / "images" / f"{c['image_id']}.jpg" for c in captions]
-    alone = load_captioner(ckpt).caption_files(images, beam_size=1)
-    assert [c["caption"] for c in captions] == alone  # an ensemble of one model twice is that model
+    ids = [c["image_id"] for c in json.loads((out / "captions_val.json").read_text())]
+    images = [shared / "data" / "synthetic" / "images" / f"{i}.jpg" for i in ids]
+    assert captions == load_models([ckpt, str(other)]).caption_files(images, beam_size=1)
+    assert captions != load_captioner(ckpt).caption_files(images, beam_size=1)  # both members count
     r = cli("eval.py", f"ckpt_path=[{ckpt},{ckpt}]", "mode=two_step", f"hydra.run.dir={out}")
     assert r.returncode != 0 and "use mode=joint" in r.stderr

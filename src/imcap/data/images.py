@@ -31,11 +31,13 @@ BAD_IMAGE_POLICIES = ("skip", "error")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
 def make_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
     """Eval-style transform from a timm data config (no augmentation: captions describe layout)."""
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     return timm.data.create_transform(
-        **{k: data_config[k] for k in keys if k in data_config}, is_training=False
+        **{k: data_config[k] for k in TRANSFORM_KEYS if k in data_config}, is_training=False
     )
 
 

@@ -33,10 +33,14 @@ class EnsembleFeatures(Features):
 class EnsembleDecoder(nn.Module):
     """The members' decoders stepping in lock-step; their word distributions averaged."""
 
-    def __init__(self, decoders: list[CaptionDecoder]) -> None:
+    def __init__(self, decoders: list[CaptionDecoder], banned: tuple[int, ...] = ()) -> None:
+        """`banned`: word ids no caption may hold (<pad>, <bos>, <unk>); each member's
+        distribution is renormalised without them before the mean, so the ensemble averages
+        what each member alone would decode from."""
         super().__init__()
         self.members = nn.ModuleList(decoders)
         self.uses_grid = any(d.uses_grid for d in decoders)
+        self.banned = list(banned)
 
     def init_state(self, feats: EnsembleFeatures) -> State:
         if len(feats.parts) != len(self.members):
@@ -51,10 +55,13 @@ class EnsembleDecoder(nn.Module):
         logps, states, alphas = [], [], []
         for dec, s in zip(self.members, state, strict=True):
             logits, s, alpha = dec.step(tokens, s)  # (B, V)
-            logps.append(F.log_softmax(logits.float(), -1))
+            logits = logits.float()
+            if self.banned:
+                logits = logits.index_fill(1, logits.new_tensor(self.banned).long(), float("-inf"))
+            logps.append(F.log_softmax(logits, -1))
             states.append(s)
             alphas.append(alpha)
-        mean = torch.stack(logps).logsumexp(0) - math.log(len(logps))  # (B, V)
+        mean = torch.stack(logps).logsumexp(0) - math.log(len(logps))  # (B, V), -inf if banned
         return mean, tuple(states), alphas[0]
 
     def reorder_state(self, state: State, index: torch.Tensor) -> State:

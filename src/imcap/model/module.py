@@ -113,7 +113,6 @@ class Captioner(L.LightningModule):
         self.predictions: dict[str, dict[str, str]] = {}  # split -> image_id -> caption
         self.scores: dict[str, dict[str, float]] = {}  # split -> metric -> value
         self._scorer = None
-        self.partners = torch.nn.ModuleList()  # eval-time ensemble members (`join`); no weights
 
     # -- forward ------------------------------------------------------------------------------
     def connect(self, link: DataLink) -> None:
@@ -130,43 +129,59 @@ class Captioner(L.LightningModule):
     def join(self, others: Sequence[Captioner], names: Sequence[str] = ()) -> None:
         """Decode as an ensemble with `others` (checkpoints of the same vocabulary and image
         transform): every caption is then written from the mean of all members' word
-        distributions (imcap.model.ensemble). This model's decoding settings apply."""
+        distributions (imcap.model.ensemble). This model's decoding settings apply.
+
+        For decoding only (eval.py, caption.py): a joined model is not saved or trained."""
+        from imcap.data.images import TRANSFORM_KEYS
+
         names = list(names) or [f"member {i + 1}" for i in range(len(others) + 1)]
         for other, name in zip(others, names[1:], strict=True):
             if list(other.vocab.tokens) != list(self.vocab.tokens):
                 raise UserError(
                     f"{name}: its vocabulary ({len(other.vocab)} words) differs from that of "
                     f"{names[0]} ({len(self.vocab)} words); an ensemble picks words from one "
-                    "list, so ensemble checkpoints trained on the same captions with the same "
+                    "list, so its members must be trained on the same captions with the same "
                     "data.vocab settings"
                 )
-            mine, theirs = (
-                {k: m.encoder.data_config.get(k) for k in ("input_size", "mean", "std", "crop_pct")}
-                for m in (self, other)
-            )
-            if mine != theirs:
-                raise UserError(
-                    f"{name} reads images as {theirs}, {names[0]} as {mine}: members of an "
-                    "ensemble share one image transform (the same encoder input size and "
-                    "normalisation)"
+            differ = {
+                k: (self.encoder.data_config.get(k), other.encoder.data_config.get(k))
+                for k in TRANSFORM_KEYS
+                if self.encoder.data_config.get(k) != other.encoder.data_config.get(k)
+            }
+            if differ:
+                said = "; ".join(
+                    f"{k} {b!r} where {names[0]} has {a!r}" for k, (a, b) in differ.items()
                 )
-        self.partners = torch.nn.ModuleList(others)
+                raise UserError(
+                    f"{name} reads images with {said}: members of an ensemble share one image "
+                    "transform (encoder input size, resizing and normalisation)"
+                )
+        self.partners = torch.nn.ModuleList(o.to(self.device).eval() for o in others)
+
+    def members(self) -> list[Captioner]:
+        """The other checkpoints this one decodes with (`join`); empty for a single model."""
+        partners = self._modules.get("partners")
+        return list(partners) if partners is not None else []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.members():
+            raise UserError("an ensemble (Captioner.join) decodes only: save its members apart")
 
     def encode(self, images: torch.Tensor) -> Features:
         """Transformed images (B, 3, H, W) -> the features `generate` takes (each member's own,
         for an ensemble)."""
         images = images.to(self.device)
         own = self.with_attributes(self.encoder(images, grid=self.decoder.uses_grid))
-        if not len(self.partners):
+        if not self.members():
             return own
-        parts = [own, *(m.encode(images) for m in self.partners)]
+        parts = [own, *(m.encode(images) for m in self.members())]
         return EnsembleFeatures(own.pooled, parts=parts)
 
     def features(self, batch: Batch) -> Features:
         """Cached features when the batch has them (two-step), else run the encoder (joint)."""
         if batch.pooled is None:
             return self.encode(batch.images)
-        if len(self.partners):
+        if self.members():
             raise UserError("an ensemble reads raw images: evaluate it with mode=joint")
         if not self.encoder.tune_stages:
             return self.with_attributes(Features(batch.pooled, batch.grid))
@@ -206,13 +221,16 @@ class Captioner(L.LightningModule):
         length_penalty: float | None = None,
     ) -> Decoded:
         """Free-running decoding with the configured (or given) beam size and length penalty."""
+        v, max_len = self.vocab, int(self.decoding["max_len"])
         dec: Any = self.decoder
         if isinstance(feats, EnsembleFeatures):
-            dec = EnsembleDecoder([self.decoder, *(m.decoder for m in self.partners)])
+            decoders = [self.decoder, *(m.decoder for m in self.members())]
+            dec = EnsembleDecoder(decoders, banned=(v.pad_id, v.bos_id, v.unk_id))
+        elif self.members():
+            raise ValueError("an ensemble decodes from Captioner.encode's features (all members')")
         else:
             feats = self.with_attributes(feats)
         k = int(beam_size or self.decoding["beam_size"])
-        v, max_len = self.vocab, int(self.decoding["max_len"])
         ngram = int(self.decoding["no_repeat_ngram_size"])
         if k <= 1:
             return greedy(dec, feats, v.bos_id, v.eos_id, max_len, return_attn, ngram)
@@ -588,6 +606,8 @@ def upgrade_hparams(hp: dict) -> dict:
 
     if isinstance(hp.get("decoder"), dict) and "_target_" in hp["decoder"]:
         hp["decoder"] = {**hp["decoder"], "_target_": moved(hp["decoder"]["_target_"])}
+    if isinstance(hp.get("encoder"), dict) and hp["encoder"].get("tune_stages") is False:
+        hp["encoder"] = {**hp["encoder"], "tune_stages": 0}  # once cast, now refused when given
     if isinstance(hp.get("data"), dict) and "loader" in hp["data"]:
         hp["data"] = {**hp["data"], "loader": moved(hp["data"]["loader"])}
     optim = hp.pop("optim", None)

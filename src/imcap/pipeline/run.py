@@ -374,7 +374,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_metrics_env(cfg)
     ckpts = plain(cfg.ckpt_path)
     model = load_models(ckpts, trust=bool(cfg.get("trust_checkpoint")))
-    if len(model.partners) and cfg.get("mode", "joint") != "joint":
+    if model.members() and cfg.get("mode", "joint") != "joint":
         raise UserError("an ensemble (ckpt_path=[...]) reads raw images: use mode=joint")
     apply_decoding_overrides(model, cfg)
     model.metrics_cfg = plain(cfg.metrics)
@@ -416,9 +416,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def load_models(ckpt_path: Any, map_location: str = "cpu", trust: bool = False) -> Captioner:
     """`ckpt_path`: one checkpoint, or a list of them decoded as an ensemble (the mean of their
     word distributions at every step; the first one's decoding settings)."""
-    if isinstance(ckpt_path, str | Path):
-        return load_captioner(ckpt_path, map_location=map_location, trust=trust)
-    paths = [str(p) for p in plain(ckpt_path)]
+    ckpt_path = plain(ckpt_path)
+    if not isinstance(ckpt_path, list | tuple):
+        return load_captioner(str(ckpt_path), map_location=map_location, trust=trust)
+    paths = [str(p) for p in ckpt_path]
     if not paths:
         raise UserError("ckpt_path=[] names no checkpoint: give one path, or a list of them")
     models = [load_captioner(p, map_location=map_location, trust=trust) for p in paths]
@@ -497,7 +498,8 @@ def save_attention(model: Captioner, path: Path, dec: Any, j: int, out: Path) ->
     if dec.alphas is None:
         raise UserError(
             "attention=true needs an attention decoder "
-            "(decoder=lstm_attention, gru_attention or topdown)"
+            "(decoder=lstm_attention, gru_attention or topdown); an ensemble draws its first "
+            "checkpoint's maps, so list an attention checkpoint first"
         )
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{Path(path).stem}.png"

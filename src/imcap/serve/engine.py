@@ -104,7 +104,7 @@ class Engine:
         image; the images are decoded as one batch."""
         x = torch.stack([self.transform(im) for im in images])  # (B, 3, H, W)
         with self.lock, torch.no_grad():
-            feats = self.model.encoder(x.to(self.device), grid=self.attention)
+            feats = self.model.encode(x)
             dec = self.model.generate(
                 feats, beam_size, return_attn=self.attention, length_penalty=length_penalty
             )
