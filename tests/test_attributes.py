@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import compose_train, run_dir, tiny_overrides
 
+from imcap.errors import UserError
 from imcap.model.attributes import STOPWORDS, attribute_targets, attribute_words
 from imcap.model.module import load_captioner
 from imcap.pipeline.run import train
@@ -37,6 +39,13 @@ def test_attribute_words_are_frequent_content_words() -> None:
     assert not set(words) & STOPWORDS
     # "grass" (2 images), "dog" (1 image, 2 captions), "dogs" (1 image): document frequency
     assert ids[0] == INDEX["grass"]
+
+
+def test_more_attributes_than_the_captions_hold_is_a_named_error() -> None:
+    """A small training set (bench/recipe.py --smoke: 64 images) against decoder.attributes=1000."""
+    n = len({w for caps in REFS.values() for c in caps for w in c} - STOPWORDS)
+    with pytest.raises(UserError, match=f"hold only {n} content words.*decoder.attributes={n}"):
+        attribute_words(REFS, INDEX, 1000)
 
 
 def test_detector_targets_are_the_caption_words_of_each_image() -> None:

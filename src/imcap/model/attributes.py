@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from imcap.errors import UserError
+
 # function words that say nothing about the picture (never attributes)
 STOPWORDS = frozenset(
     [
@@ -96,7 +98,11 @@ def attribute_words(
         df.update({w for cap in caps for w in cap})
     words = [w for w, _ in df.most_common() if w in vocab_index and w not in STOPWORDS]
     if len(words) < k:
-        raise ValueError(f"decoder.attributes={k}, but the training captions have {len(words)}")
+        raise UserError(
+            f"decoder.attributes={k}, but the training captions hold only {len(words)} content "
+            f"words in the vocabulary: use decoder.attributes={len(words)} or fewer (0: no "
+            "attribute detector), or train on more images"
+        )
     return [vocab_index[w] for w in words[:k]]
 
 
