@@ -33,7 +33,7 @@ def test_each_step_is_the_mean_of_the_members_distributions(tmp_path: Path) -> N
     a.join([b])
     feats = a.encode(images)
     fa, fb = feats.parts
-    dec = EnsembleDecoder([a.decoder, b.decoder], banned=BANNED)
+    dec = EnsembleDecoder([a.decoder, b.decoder], Vocab.bos_id)
     state, sa, sb = dec.init_state(feats), a.decoder.init_state(fa), b.decoder.init_state(fb)
     words = torch.tensor([Vocab.bos_id] * 3)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_beam_search_ranks_by_the_ensembles_log_probabilities(tmp_path: Path) ->
     torch.manual_seed(2)
     feats = a.encode(torch.randn(4, 3, 96, 96))
     out = a.generate(feats, beam_size=3)
-    dec = EnsembleDecoder([a.decoder, b.decoder], banned=BANNED)
+    dec = EnsembleDecoder([a.decoder, b.decoder], Vocab.bos_id)
     state, total = dec.init_state(feats), torch.zeros(4)
     prev = torch.full((4,), Vocab.bos_id)
     with torch.no_grad():
@@ -93,6 +93,18 @@ def test_an_ensemble_of_a_model_with_itself_is_that_model(tmp_path: Path) -> Non
     a.join([twin])
     for k in (1, 3):
         assert a.caption(images, beam_size=k) == alone[k]
+
+
+def test_a_joined_model_decodes_only(tmp_path: Path) -> None:
+    """An ensemble is not a checkpoint (saving it would write members' weights its own
+    hyperparameters cannot load) and decodes only from all members' features."""
+    a, b = _pair(tmp_path)
+    a.join([b])
+    with pytest.raises(UserError, match="decodes only: save its members apart"):
+        a.on_save_checkpoint({})
+    one_member = a.encoder(torch.randn(1, 3, 96, 96), grid=True)
+    with pytest.raises(ValueError, match="Captioner.encode's features"):
+        a.generate(one_member)
 
 
 def test_members_must_share_vocabulary_and_image_transform(tmp_path: Path) -> None:

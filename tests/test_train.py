@@ -346,6 +346,11 @@ def test_tune_stages_refuses_what_it_cannot_split() -> None:
     for bad in (-1, True, "2", 1.5):  # a typo on the command line is named, not cast
         with pytest.raises(UserError, match="tune_stages must be a whole number >= 0"):
             Encoder("tf_efficientnet_lite0", tune_stages=bad)
+    # ...but a checkpoint saved when false was cast to 0 still loads
+    from imcap.model.module import upgrade_hparams
+
+    old = {"encoder": {"name": "resnet18", "tune_stages": False}}
+    assert upgrade_hparams(old)["encoder"]["tune_stages"] == 0
 
 
 def test_second_stage_checkpoint_remembers_where_the_encoder_weights_came_from(

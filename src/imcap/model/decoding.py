@@ -17,7 +17,7 @@ from imcap.model.encoder import Features
 PAD, UNK = 0, 3  # imcap.data.text.Vocab's fixed ids
 
 
-def _log_probs(logits: torch.Tensor, bos: int, temperature: float = 1.0) -> torch.Tensor:
+def word_log_probs(logits: torch.Tensor, bos: int, temperature: float = 1.0) -> torch.Tensor:
     """Log-softmax over words a caption may contain: never <pad>, <bos> or <unk> (an "<unk>" in
     a caption is no word to a reader, and the toolkit's tokenizer would split it into pieces)."""
     banned = torch.tensor([PAD, bos, UNK], device=logits.device)
@@ -71,7 +71,7 @@ def greedy(
     out, alphas = [], []
     for t in range(max_len + 1):
         logits, state, alpha = dec.step(prev, state)  # (B, V)
-        logp = _log_probs(logits, bos)  # (B, V)
+        logp = word_log_probs(logits, bos)  # (B, V)
         if no_repeat_ngram and out:
             blocked = ngram_block(torch.stack(out, 1), no_repeat_ngram, logp.size(-1))
             logp = logp.masked_fill(blocked, float("-inf"))
@@ -135,7 +135,7 @@ def beam_search(
     for t in range(max_len + 1):
         logits, state, alpha_t = dec.step(prev, state)  # (B*K, V)
         V = logits.size(-1)
-        logp = _log_probs(logits, bos)  # (B*K, V)
+        logp = word_log_probs(logits, bos)  # (B*K, V)
         if no_repeat_ngram and seqs.size(-1):
             blocked = ngram_block(seqs.view(B * K, -1), no_repeat_ngram, V)
             logp = logp.masked_fill(blocked, float("-inf"))
@@ -201,7 +201,7 @@ def sample(
     words, logps = [], []
     for t in range(max_len + 1):
         logits, state, _ = dec.step(prev, state)  # (B*n, V)
-        logp = _log_probs(logits, bos, temperature)  # (B*n, V)
+        logp = word_log_probs(logits, bos, temperature)  # (B*n, V)
         word = (
             torch.multinomial(logp.detach().exp(), 1).squeeze(1)
             if t < max_len

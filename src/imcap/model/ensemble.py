@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from imcap.model.decoder import CaptionDecoder
+from imcap.model.decoding import word_log_probs
 from imcap.model.encoder import Features
 
 State = tuple
@@ -33,14 +33,13 @@ class EnsembleFeatures(Features):
 class EnsembleDecoder(nn.Module):
     """The members' decoders stepping in lock-step; their word distributions averaged."""
 
-    def __init__(self, decoders: list[CaptionDecoder], banned: tuple[int, ...] = ()) -> None:
-        """`banned`: word ids no caption may hold (<pad>, <bos>, <unk>); each member's
-        distribution is renormalised without them before the mean, so the ensemble averages
-        what each member alone would decode from."""
+    def __init__(self, decoders: list[CaptionDecoder], bos: int) -> None:
+        """Each member's distribution is taken over the words a caption may hold
+        (`decoding.word_log_probs`: no <pad>, <bos>, <unk>) before the mean, so the ensemble
+        averages what each member alone would decode from."""
         super().__init__()
         self.members = nn.ModuleList(decoders)
-        self.uses_grid = any(d.uses_grid for d in decoders)
-        self.banned = list(banned)
+        self.bos = bos
 
     def init_state(self, feats: EnsembleFeatures) -> State:
         if len(feats.parts) != len(self.members):
@@ -55,10 +54,7 @@ class EnsembleDecoder(nn.Module):
         logps, states, alphas = [], [], []
         for dec, s in zip(self.members, state, strict=True):
             logits, s, alpha = dec.step(tokens, s)  # (B, V)
-            logits = logits.float()
-            if self.banned:
-                logits = logits.index_fill(1, logits.new_tensor(self.banned).long(), float("-inf"))
-            logps.append(F.log_softmax(logits, -1))
+            logps.append(word_log_probs(logits, self.bos))
             states.append(s)
             alphas.append(alpha)
         mean = torch.stack(logps).logsumexp(0) - math.log(len(logps))  # (B, V), -inf if banned

@@ -28,7 +28,7 @@ from torch import nn
 from imcap import __version__
 from imcap.errors import UserError
 from imcap.model.decoder import AttentionDecoder, ShowTellDecoder, TopDownDecoder
-from imcap.model.decoding import _log_probs, greedy
+from imcap.model.decoding import greedy, word_log_probs
 from imcap.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class StepGraph(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, new_state, _ = self.decoder.step(tokens, tuple(state))  # (B, V)
-        return (_log_probs(logits, self.bos), *new_state)  # the same ban as decoding.greedy
+        return (word_log_probs(logits, self.bos), *new_state)  # the same ban as decoding.greedy
 
 
 class _TupleStep(nn.Module):

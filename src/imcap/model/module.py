@@ -225,7 +225,7 @@ class Captioner(L.LightningModule):
         dec: Any = self.decoder
         if isinstance(feats, EnsembleFeatures):
             decoders = [self.decoder, *(m.decoder for m in self.members())]
-            dec = EnsembleDecoder(decoders, banned=(v.pad_id, v.bos_id, v.unk_id))
+            dec = EnsembleDecoder(decoders, v.bos_id)
         elif self.members():
             raise ValueError("an ensemble decodes from Captioner.encode's features (all members')")
         else:
