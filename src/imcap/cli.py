@@ -86,11 +86,35 @@ train, evaluate, caption, export, prepare, serve = (
 )
 
 
+def models() -> None:
+    """imcap models: the shipped models, their val scores, size and recipe."""
+    from imcap.model import zoo
+
+    entries = zoo.index()
+    if not entries:
+        print("this installation ships no model")
+        return
+    for name, e in entries.items():
+        card = e.get("card") or {}
+        s = card.get("val_scores") or {}
+        scores = "  ".join(f"{k} {100 * s[k]:.1f}" for k in ("BLEU-4", "METEOR", "CIDEr") if k in s)
+        default = "  (default)" if name == zoo.DEFAULT_MODEL else ""
+        print(f"{name}{default}")
+        print(f"  {card.get('summary', '')}")
+        print(f"  {card.get('dataset', '')} val, beam 3 (x100): {scores}")
+        print(f"  {e.get('bytes', 0) / 2**20:.1f} MB, sha256 {e.get('sha256', '')[:16]}...")
+        print(f"  recipe: {card.get('recipe', '')}")
+        print(f"  use: imcap-caption ckpt_path={name} images=<photo>")
+
+
 def main() -> None:
-    """python -m imcap <task> [key=value ...]"""
+    """python -m imcap <task> [key=value ...]  (also `imcap <task> ...`, `imcap models`)"""
+    if len(sys.argv) >= 2 and sys.argv[1] == "models":
+        models()
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in TASKS:
         print(
-            f"usage: python -m imcap {{{','.join(TASKS)}}} [key=value ...] [--help]",
+            f"usage: python -m imcap {{{','.join([*TASKS, 'models'])}}} [key=value ...] [--help]",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -1,8 +1,10 @@
 """Where the configs live, and the checks that make a config mistake one line naming the key.
 
-Defaults live only in `conf/` (the Hydra groups). Code that runs without Hydra (a checkpoint
+Defaults live only in the package's `conf/` (the Hydra groups, `imcap/conf`, shipped inside the
+wheel; the checkout's top-level `conf` links to it). Code that runs without Hydra (a checkpoint
 loaded in a notebook, a test) reads the same files through `conf_defaults`, so a default is
-written once.
+written once. Nothing here reads a file relative to the checkout: an installed copy works from
+any directory.
 """
 
 from __future__ import annotations
@@ -16,13 +18,23 @@ from typing import Any
 
 from imcap.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/imcap/config.py -> the checkout
-CONF_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR / "conf"  # shipped inside the package (pyproject's package-data)
+
+
+def checkout_root() -> Path | None:
+    """The project checkout this package runs from (src/imcap -> the checkout), or None when it
+    is an installed copy (site-packages)."""
+    root = PACKAGE_DIR.parents[1]
+    is_checkout = (root / "pyproject.toml").is_file() and (root / "src" / "imcap").is_dir()
+    return root if is_checkout else None
 
 
 def set_project_root() -> None:
-    """Entry points call this so configs can find the project root from any working directory."""
-    os.environ.setdefault("IMCAP_ROOT", str(PROJECT_ROOT))
+    """Where runs keep data/, .cache/ and outputs/ (paths.root_dir): the checkout when run from
+    one (`python src/train.py` anywhere), else the working directory, as Hydra apps do.
+    IMCAP_ROOT, when set, wins."""
+    os.environ.setdefault("IMCAP_ROOT", str(checkout_root() or Path.cwd()))
 
 
 def conf_defaults(name: str, section: str | None = None) -> dict[str, Any]:
@@ -31,7 +43,10 @@ def conf_defaults(name: str, section: str | None = None) -> dict[str, Any]:
 
     path = CONF_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"config file {path} is missing; run from a full checkout of the project")
+        raise UserError(
+            f"config file {path} is missing: this imcap installation is incomplete; reinstall it "
+            "(pip install --force-reinstall imcap, or pip install . in a checkout)"
+        )
     # resolve what the groups interpolate (paths.*, data.vocab.max_len) against their defaults
     root = OmegaConf.create(
         {
@@ -64,11 +79,41 @@ def checked(where: str, given: Mapping[str, Any] | None, defaults: Mapping[str, 
 _OVERRIDE = re.compile(r"Could not override '([^']+)'")
 
 
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def user_config_dirs(argv: Sequence[str]) -> list[str]:
+    """The folders given with Hydra's `--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`): the
+    user's own config groups (experiment/*.yaml, encoder/*.yaml ...) beside the shipped ones."""
+    dirs, args = [], list(argv)
+    for i, a in enumerate(args):
+        if a in CONFIG_DIR_FLAGS and i + 1 < len(args):
+            dirs.append(args[i + 1])
+        elif a.startswith("--config-dir="):
+            dirs.append(a.split("=", 1)[1])
+    return dirs
+
+
 def _overrides(argv: Sequence[str]) -> list[str] | None:
-    """The key=value overrides of a plain run; None when Hydra must see the line itself."""
-    if any(a.startswith("-") for a in argv):  # --multirun, --help, --cfg, -c ...: Hydra's job
+    """The key=value overrides of a plain run (with `--config-dir` folders as a
+    hydra.searchpath override); None when Hydra must see the line itself."""
+    args, dirs = list(argv), user_config_dirs(argv)
+    for flag in CONFIG_DIR_FLAGS:  # drop `--config-dir DIR` pairs, then `--config-dir=DIR`
+        while flag in args and args.index(flag) + 1 < len(args):
+            i = args.index(flag)
+            del args[i : i + 2]
+    args = [a for a in args if not a.startswith("--config-dir=")]
+    if any(a.startswith("-") for a in args):  # --multirun, --help, --cfg, -c ...: Hydra's job
         return None
-    return [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    out = [a for a in args if not a.lstrip("+~").startswith("hydra") or _is_searchpath(a)]
+    if dirs:
+        paths = ",".join(f"file://{Path(d).expanduser().resolve()}" for d in dirs)
+        out.append(f"hydra.searchpath=[{paths}]")
+    return out
+
+
+def _is_searchpath(override: str) -> bool:
+    return override.lstrip("+~").split("=", 1)[0] == "hydra.searchpath"
 
 
 def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:

@@ -114,6 +114,14 @@ class Captioner(L.LightningModule):
         self.scores: dict[str, dict[str, float]] = {}  # split -> metric -> value
         self._scorer = None
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: Any = "cpu", **overrides: Any
+    ) -> Captioner:
+        """A checkpoint file or a shipped model name, read as data (`weights_only`), older
+        layouts upgraded, packed files completed: Lightning's loader does none of these."""
+        return load_captioner(checkpoint_path, map_location=map_location or "cpu", **overrides)
+
     # -- forward ------------------------------------------------------------------------------
     def connect(self, link: DataLink) -> None:
         """The data module's `setup` hands over what training and scoring need from the data."""
@@ -650,10 +658,17 @@ def load_captioner(
     trust: bool = False,
     **overrides: Any,
 ) -> Captioner:
-    """Load a checkpoint with errors a user can act on (as data unless `trust`)."""
-    p = Path(str(path)).expanduser()
+    """Load a checkpoint, or a shipped model by name (imcap.model.zoo), with errors a user can
+    act on (as data unless `trust`)."""
+    from imcap.model import zoo
+
+    p = zoo.resolve(path)
     if not p.is_file():
-        raise UserError(f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py>")
+        names = ", ".join(zoo.index()) or "none"
+        raise UserError(
+            f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> or a "
+            f"shipped model name ({names}; `imcap models` lists them)"
+        )
     return captioner_from(read_checkpoint(p, trust), p, map_location, **overrides)
 
 
@@ -661,7 +676,10 @@ def captioner_from(
     ckpt: dict, p: Path, map_location: str | torch.device = "cpu", **overrides: Any
 ) -> Captioner:
     """The model inside a checkpoint already read (`read_checkpoint`), so a caller that also
-    wants its other entries (epoch, callback state: the demo's model card) reads it once."""
+    wants its other entries (epoch, callback state: the demo's model card) reads it once.
+    A packed checkpoint (a shipped model) gets its frozen weights from their declared source."""
+    from imcap.model import zoo
+
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "vocab" not in hp:
         raise UserError(
@@ -672,8 +690,11 @@ def captioner_from(
     # came from before training (the Encoder loads nothing unless load_pretrained() is called)
     model = Captioner(**hp)
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+        if ckpt.get(zoo.PACKED):
+            zoo.fill_provided(model, ckpt, p)
+        else:
+            model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as e:
         raise UserError(
             f"checkpoint {p} does not match its own hyperparameters: {str(e)[:300]}"
         ) from None

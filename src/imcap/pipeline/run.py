@@ -449,7 +449,10 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
     quiet_known_noise()
     out = output_dir(cfg)
     device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
-    model = load_models(cfg.ckpt_path, map_location=device, trust=bool(cfg.get("trust_checkpoint")))
+    from imcap.model import zoo
+
+    ckpt = cfg.ckpt_path if cfg.get("ckpt_path") else zoo.default_checkpoint("caption")
+    model = load_models(ckpt, map_location=device, trust=bool(cfg.get("trust_checkpoint")))
     apply_decoding_overrides(model, cfg)
     paths = list_images(plain(cfg.images), download_dir=out / "downloads")
     files = ImageFiles(

@@ -322,12 +322,16 @@ def serve(cfg: Any) -> None:
 
     quiet_known_noise()
     host, port = str(cfg.host), int(cfg.port)
-    if cfg.get("ckpt_path"):
-        ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    else:
+    from imcap.model import zoo
+
+    if str(cfg.get("ckpt_path")) == "latest":
         ckpt = newest_checkpoint(Path(cfg.paths.log_dir))
-        log.info("no ckpt_path given: serving the newest checkpoint under %s: %s "
-                 "(pass ckpt_path=<.ckpt> to choose another)", cfg.paths.log_dir, ckpt)  # fmt: skip
+        log.info("ckpt_path=latest: serving the newest checkpoint under %s: %s",
+                 cfg.paths.log_dir, ckpt)  # fmt: skip
+    elif cfg.get("ckpt_path"):
+        ckpt = cfg.ckpt_path
+    else:
+        ckpt = zoo.default_checkpoint("serve")
     _check_port(host, port)
     device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
     engine = Engine(ckpt, device=device, trust=bool(cfg.get("trust_checkpoint")))
@@ -346,7 +350,7 @@ def serve(cfg: Any) -> None:
     card = engine.card
     shown = "[::1]" if host == "::1" else host
     print(
-        f"imcap demo: http://{shown}:{port}  ({ckpt.name}: {card['encoder']['name']} -> "
+        f"imcap demo: http://{shown}:{port}  ({engine.name or engine.path.name}: {card['encoder']['name']} -> "
         f"{card['decoder']['type']}, {card['vocab_size']} words, on {device}; Ctrl-C stops it)",
         flush=True,
     )

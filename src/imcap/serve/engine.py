@@ -82,17 +82,29 @@ class Engine:
     """One loaded model and the lock its decoding takes turns on."""
 
     def __init__(self, ckpt_path: str | Path, device: str = "cpu", trust: bool = False) -> None:
-        p = Path(str(ckpt_path)).expanduser()
+        from imcap.model import zoo
+
+        p = zoo.resolve(ckpt_path)
         if not p.is_file():
             raise UserError(
-                f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py>"
+                f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> or a "
+                f"shipped model name ({', '.join(zoo.index()) or 'none'})"
             )
+        self.name = str(ckpt_path) if zoo.is_name(str(ckpt_path)) else None
         ckpt = read_checkpoint(p, trust)  # weights_only unless trust: no pickled code runs
         self.model: Captioner = captioner_from(ckpt, p, map_location=device)
         self.path, self.device = p, device
         self.transform = make_transform(self.model.encoder.data_config)
         self.attention = bool(self.model.decoder.uses_grid)
         self.card = model_card(p, ckpt, self.model)
+        if self.name:  # a shipped model: its card says what it was measured to do
+            shipped = zoo.card(self.name)
+            self.card.update(
+                checkpoint=self.name,
+                val_scores=shipped.get("val_scores"),
+                val_scores_source="imcap/zoo/index.json (beam 3, Flickr8k val)",
+                model_card=shipped,
+            )
         self.card["device"] = device
         self.lock = threading.Lock()
         self.served = 0
