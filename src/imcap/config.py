@@ -233,10 +233,15 @@ def resume_overrides(argv: Sequence[str]) -> list[str]:
         from omegaconf import OmegaConf
 
         for o in OmegaConf.to_container(OmegaConf.load(saved)) or []:
-            if _key(o) not in ("resume", "ckpt_path", "paths.output_dir") and not o.startswith(
-                "hydra"
-            ):
-                merged[_key(o)] = str(o)
+            if _key(o) in ("resume", "ckpt_path", "paths.output_dir") or o.startswith("hydra"):
+                continue
+            if _key(o) == "trust_checkpoint":  # an opt-in of that command line, not of the run
+                print(
+                    f"note: {saved} gave {o}; not re-applied (give it on this command line)",
+                    file=sys.stderr,
+                )
+                continue
+            merged[_key(o)] = str(o)
     else:
         print(f"note: {saved} not found: only this command line's overrides apply", file=sys.stderr)
     for o in given:

@@ -43,8 +43,8 @@ def build_decoder(spec: dict[str, Any], vocab_size: int, encoder: Encoder) -> Ca
     spec = dict(spec)
     target = spec.pop("_target_", "imcap.model.decoder.ShowTellDecoder")
     cls = pydoc.locate(target)
-    if cls is None:
-        raise UserError(f"decoder._target_ '{target}' is not an importable class")
+    if not (isinstance(cls, type) and issubclass(cls, CaptionDecoder)):
+        raise UserError(f"decoder._target_ '{target}' is not an importable CaptionDecoder subclass")
     width = encoder.grid_dim if cls.uses_grid else encoder.feature_dim
     try:
         return cls(vocab_size=vocab_size, feature_dim=width, **spec)
@@ -669,23 +669,33 @@ def load_captioner(
             f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> or a "
             f"shipped model name ({names}; `imcap models` lists them)"
         )
-    return captioner_from(read_checkpoint(p, trust), p, map_location, **overrides)
+    return captioner_from(read_checkpoint(p, trust), p, map_location, trust=trust, **overrides)
 
 
 def captioner_from(
-    ckpt: dict, p: Path, map_location: str | torch.device = "cpu", **overrides: Any
+    ckpt: dict,
+    p: Path,
+    map_location: str | torch.device = "cpu",
+    trust: bool = False,
+    **overrides: Any,
 ) -> Captioner:
     """The model inside a checkpoint already read (`read_checkpoint`), so a caller that also
     wants its other entries (epoch, callback state: the demo's model card) reads it once.
-    A packed checkpoint (a shipped model) gets its frozen weights from their declared source."""
+    A packed checkpoint (a shipped model) gets its frozen weights from their declared source.
+    Unless `trust`, every component the hyperparameters name must be imcap's own
+    (imcap.model.checkpoint): a checkpoint is data, it never picks the code that runs."""
     from imcap.model import zoo
+    from imcap.model.checkpoint import check_hparams
 
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "vocab" not in hp:
         raise UserError(
             f"{p} is not an imcap checkpoint (no vocabulary inside); train one with src/train.py"
         )
-    hp = {**upgrade_hparams(hp), **overrides}
+    hp = upgrade_hparams(hp)
+    if not trust:
+        check_hparams(hp, p)
+    hp = {**hp, **overrides}
     # the weights come from the checkpoint; encoder.pretrained stays as the record of where they
     # came from before training (the Encoder loads nothing unless load_pretrained() is called)
     model = Captioner(**hp)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from imcap.data.images import ImageFiles, collate_images, list_images, make_transform
 from imcap.errors import UserError
+from imcap.model.checkpoint import check_hparams
 from imcap.model.module import (
     Captioner,
     check_decoding,
@@ -313,7 +314,11 @@ def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False, model=None) -
         raise UserError(
             f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> to resume"
         )
-    hp = upgrade_hparams(read_checkpoint(p, trust).get("hyper_parameters") or {})
+    ckpt = read_checkpoint(p, trust)
+    hp = upgrade_hparams(ckpt.get("hyper_parameters") or {})
+    if not trust:
+        check_hparams(hp, p)
+        check_callback_paths(ckpt, p)
     tokens = (hp.get("vocab") or {}).get("tokens")
     if tokens != vocab.tokens:
         n = len(tokens) if tokens else 0
@@ -334,6 +339,26 @@ def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False, model=None) -
                 f"{p} was trained with another {part}: {shown}. Resume with the overrides it "
                 "was trained with (its .hydra/config.yaml), or start anew from it with init_from="
             )
+
+
+def check_callback_paths(ckpt: dict, p: Path) -> None:
+    """Lightning restores the checkpoint callback's record of the best files (when its folder
+    is this run's) and later deletes those that fall out of the top k: a resumed checkpoint may
+    only name files inside the folder it records."""
+    for name, state in (ckpt.get("callbacks") or {}).items():
+        if not isinstance(state, dict) or "dirpath" not in state:
+            continue
+        home = Path(str(state["dirpath"]))
+        named = [*(state.get("best_k_models") or {})]
+        named += [
+            state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")
+        ]
+        for f in named:
+            if f and (Path(str(f)).parent != home or ".." in Path(str(f)).parts):
+                raise UserError(
+                    f"refusing checkpoint {p}: its {name} state names {f}, a file outside its "
+                    f"folder {home}; resume only checkpoints train.py wrote, or trust_checkpoint=true"
+                )
 
 
 def write_captions(path: Path, preds: dict[str, str], dm: CaptionDataModule, split: str) -> None:
@@ -382,6 +407,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not data:
         raise UserError(
             f"{cfg.ckpt_path} records no dataset: pass data=<name> (e.g. data=flickr8k)"
+        )
+    if not data.get("root"):  # a shipped model records its dataset by name only
+        name = data.get("name", "<name>")
+        raise UserError(
+            f"{cfg.ckpt_path} does not record where its {name} data lives: pass "
+            f"data={name} data.root=<the dataset folder>"
         )
     split = cfg.get("split") or data.get("split") or "test"
     dm = CaptionDataModule.for_model(data, model, cfg.get("mode", "joint"), split=split)
