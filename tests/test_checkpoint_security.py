@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli, demo_checkpoint
+
 from imcap.config import resume_overrides
 from imcap.errors import UserError
 from imcap.model.checkpoint import RefusedCheckpoint

@@ -11,8 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, demo_checkpoint, png_header  # noqa: F401
+from conftest import ROOT, demo_checkpoint
 
 
 @pytest.fixture(scope="module")

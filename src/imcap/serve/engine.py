@@ -92,7 +92,7 @@ class Engine:
             )
         self.name = str(ckpt_path) if zoo.is_name(str(ckpt_path)) else None
         ckpt = read_checkpoint(p, trust)  # weights_only unless trust: no pickled code runs
-        self.model: Captioner = captioner_from(ckpt, p, map_location=device)
+        self.model: Captioner = captioner_from(ckpt, p, map_location=device, trust=trust)
         self.path, self.device = p, device
         self.transform = make_transform(self.model.encoder.data_config)
         self.attention = bool(self.model.decoder.uses_grid)
