@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.install.stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install train demo test test-slow test-all lint format clean clean-cache bench bench-data recipe
+.PHONY: help install train demo test test-slow test-all lint format clean clean-cache bench bench-data recipe ship-model
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ install: $(STAMP) ## create .venv and install imcap with its dev tools and the w
 train: $(STAMP) ## train on the built-in synthetic dataset (pass ARGS="encoder=resnet50 ...")
 	$(PY) src/train.py $(ARGS)
 
-demo: $(STAMP) ## web demo + JSON API on http://127.0.0.1:8000 (CKPT=<.ckpt>; default: the newest run's best)
+demo: $(STAMP) ## web demo + JSON API on http://127.0.0.1:8000 (CKPT=<.ckpt or model name>; default: the shipped model)
 	$(PY) src/serve.py $(if $(CKPT),ckpt_path=$(CKPT)) $(ARGS)
 
 test: $(STAMP) ## fast test tier (< 15 min on 2 CPU cores)
@@ -51,6 +51,9 @@ DATA ?= ../shared/data/flickr8k
 recipe: $(STAMP) ## the best Flickr8k recipe end to end (DATA=<flickr8k root>): extraction, CE, SCST, beam-3 val table
 	$(PY) -m pip install -q -e ".[weights]"
 	$(PY) bench/recipe.py --data-root $(DATA) $(ARGS)
+
+ship-model: $(STAMP) ## pack CKPT=<best .ckpt of make recipe> as the shipped model (src/imcap/zoo), scored on DATA's val
+	$(PY) bench/ship_model.py --ckpt $(CKPT) --data-root $(DATA) --card bench/model_card_flickr8k.json $(ARGS)
 
 clean: ## remove run outputs and tool caches; keeps .venv, data/ and the feature caches
 	@echo "removing outputs/ lightning_logs/ wandb/ and tool caches; keeping .venv, data/ and $(CACHE)/ (make clean-cache)"

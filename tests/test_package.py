@@ -149,3 +149,23 @@ def test_installed_copy_composes_a_user_config_dir(site, tmp_path):
     )
     assert r.returncode == 2 and "data.bach_size" in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(
+    not (ROOT / "src/imcap/zoo/index.json").is_file(), reason="no shipped model in this checkout"
+)
+def test_installed_copy_captions_with_the_shipped_model_by_default(site, tmp_path):
+    """No ckpt_path, no checkout, no dataset: the wheel's own model captions a photo."""
+    from PIL import Image, ImageDraw
+
+    image = tmp_path / "photo.jpg"
+    im = Image.new("RGB", (320, 240), (90, 150, 220))  # sky over grass, a dark figure
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((0, 150, 320, 240), fill=(60, 160, 60))
+    draw.ellipse((140, 90, 180, 170), fill=(30, 30, 30))
+    im.save(image)
+    r = run_installed(site, tmp_path, "-m", "imcap", "caption", f"images={image}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "using the shipped model flickr8k-topdown-lite2" in r.stdout
+    caption = r.stdout.split(f"{image}: ", 1)[1].splitlines()[0]
+    assert len(caption.split()) >= 3, caption

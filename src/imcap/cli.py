@@ -18,7 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imcap.config import CONF_DIR, preflight, resume_overrides, set_project_root
+from imcap.config import (
+    CONF_DIR,
+    CONFIG_DIR_FLAGS,
+    preflight,
+    resume_overrides,
+    set_project_root,
+    user_config_dirs,
+)
 from imcap.errors import UserError, cli_errors
 
 TASKS = {  # command -> (config name, function of the composed config)
@@ -44,7 +51,7 @@ def run_task(task: str) -> Any:
     def main(cfg: Any) -> Any:
         return getattr(importlib.import_module(module), name)(cfg)
 
-    if task == "train" and not any(a.startswith("-") for a in sys.argv[1:]):
+    if task == "train" and not any(a.startswith("-") for a in without_config_dirs(sys.argv[1:])):
         continue_in_place()
     preflight(config_name)  # a misspelt key: one line naming it and the valid ones
     return main()
@@ -53,13 +60,15 @@ def run_task(task: str) -> Any:
 def continue_in_place() -> None:
     """`resume=<run dir>|auto`: rewrite the command line to continue that run in its own
     directory (its overrides, last.ckpt, output folder), keeping its previous Hydra config."""
+    given = without_config_dirs(sys.argv[1:])
     try:
-        argv = resume_overrides(sys.argv[1:])
+        argv = resume_overrides(given)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if argv == sys.argv[1:]:
+    if argv == given:
         return
+    argv += [f"--config-dir={d}" for d in user_config_dirs(sys.argv[1:])]
     run = Path(next(a for a in argv if a.startswith("resume=")).split("=", 1)[1])
     saved = run / ".hydra"
     if saved.is_dir():  # Hydra rewrites config.yaml & co. in place: keep the previous ones
@@ -70,6 +79,19 @@ def continue_in_place() -> None:
             shutil.copy2(f, keep / f.name)
     print(f"resuming {run} from checkpoints/last.ckpt", file=sys.stderr)
     sys.argv[1:] = argv
+
+
+def without_config_dirs(argv: list[str]) -> list[str]:
+    """The command line without its `--config-dir DIR` flags (they are not overrides)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in CONFIG_DIR_FLAGS:
+            skip = True
+        elif not a.startswith("--config-dir="):
+            out.append(a)
+    return out
 
 
 def _entry(task: str) -> Callable[[], Any]:

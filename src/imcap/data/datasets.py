@@ -855,8 +855,9 @@ def _coco_karpathy(path: Path, restval: str, folder: Any, index: _DirIndex) -> _
         if filename in names:
             paths[image_id] = d / filename
             continue
-        name12 = f"{int(image_id):012d}.jpg"
-        f2017 = next((f for f, names in listed_2017 if name12 in names), None)
+        # a 2017 file name only from a numeric id: `../x` or `1e3` names no file (left out)
+        name12 = f"{int(image_id):012d}.jpg" if image_id.isascii() and image_id.isdigit() else ""
+        f2017 = next((f for f, names in listed_2017 if name12 and name12 in names), None)
         if f2017 is not None:
             paths[image_id] = f2017 / name12
         else:  # missing: reported (and dropped) with the others

@@ -7,11 +7,21 @@ with a message naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import http.client
 import logging
+import re
+import socket
+import ssl
 import sys
 import tempfile
+import threading
+import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -121,7 +131,9 @@ def collate_images(items: list[tuple[int, torch.Tensor | None]]) -> dict[str, An
 
 
 URL_MAX_BYTES = 20 * 1024 * 1024  # an image URL larger than this is refused
-URL_TIMEOUT = 20.0  # seconds to connect and to wait for each read
+URL_DEADLINE = 20.0  # seconds for the whole download of one URL: connect, headers, body
+URL_MAX_REDIRECTS = 5  # redirects followed per URL (http and https only)
+URL_SCHEMES = ("http", "https")
 
 
 def list_images(
@@ -140,7 +152,7 @@ def list_images(
                 raise UserError("images=- read no paths from standard input (one per line)")
             out += list_images(lines, download_dir)
             continue
-        if text.startswith(("http://", "https://")):
+        if text.lower().startswith(("http://", "https://")):
             out.append(download_image(text, Path(download_dir or tempfile.mkdtemp())))
             continue
         p = Path(text).expanduser()
@@ -165,30 +177,220 @@ def list_images(
 
 
 def download_image(url: str, folder: Path) -> Path:
-    """Fetch one image URL (size and time limited) into `folder`; errors name the URL."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
+    """Fetch one image URL into `folder` within URL_DEADLINE seconds in all (a server that
+    trickles a byte at a time cannot hold the run), at most URL_MAX_BYTES, following at most
+    URL_MAX_REDIRECTS redirects and only to http(s); every error is one line naming the URL."""
     folder.mkdir(parents=True, exist_ok=True)
-    name = Path(urllib.parse.urlparse(url).path).name or "image"
+    name = safe_stem(Path(urllib.parse.urlsplit(url).path).name or "image", max_bytes=80)
     target = folder / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}_{name}"
+    data = _fetch_within(url, URL_DEADLINE)
+    target.write_bytes(data)
+    return target
+
+
+class _Watch:
+    """The sockets of one download, shut down when its deadline passes: that wakes a read
+    blocked in the download thread, so a stalled server keeps no thread or connection alive."""
+
+    def __init__(self) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def track(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._socks.append(sock)
+            late = self.expired
+        if late:
+            self._shut(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            socks = list(self._socks)
+        for sock in socks:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the plain socket's: no TLS state touched from here
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def connection(self, base: type[http.client.HTTPConnection]) -> type:
+        """`base` with its socket tracked once connected."""
+        watch = self
+
+        class Tracked(base):  # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                watch.track(self.sock)
+
+        return Tracked
+
+
+def _opener(url: str, watch: _Watch) -> urllib.request.OpenerDirector:
+    """urllib with http(s) only (no file:, ftp:, data:), tracked sockets, and checked redirects."""
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(watch.connection(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(
+                watch.connection(http.client.HTTPSConnection),
+                req,
+                context=ssl.create_default_context(),
+            )
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        # urllib's own limits (4 visits of one URL, 10 in all) stay above ours
+        max_repeats = max_redirections = URL_MAX_REDIRECTS + 2
+        hops = 0
+
+        def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001, ANN201 - urllib's
+            location = headers.get("location") or headers.get("uri")
+            if location:
+                new = urllib.parse.urljoin(req.full_url, location.strip())
+                scheme = urllib.parse.urlsplit(new).scheme.lower()
+                if scheme not in URL_SCHEMES:
+                    fp.close()
+                    raise UserError(
+                        f"cannot download {url}: it redirects to {new}, which is not an http(s) "
+                        "URL (refused); fix: download the image yourself and pass the file"
+                    )
+                self.hops += 1
+                if self.hops > URL_MAX_REDIRECTS:
+                    fp.close()
+                    raise UserError(
+                        f"cannot download {url}: more than {URL_MAX_REDIRECTS} redirects (a "
+                        "redirect loop?); fix: pass the final image URL, or download the image "
+                        "yourself and pass the file"
+                    )
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        HTTP(),
+        HTTPS(),
+        Redirects(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch(url: str, watch: _Watch, seconds: float) -> bytes:
+    """The body of `url` (runs in the download thread; `_fetch_within` enforces the deadline)."""
     try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT) as resp:  # noqa: S310 - http(s) only
+        with _opener(url, watch).open(url, timeout=seconds) as resp:
             size = int(resp.headers.get("Content-Length") or 0)
             if size > URL_MAX_BYTES:
                 raise UserError(f"{url} is {size:,} bytes, over the {URL_MAX_BYTES:,}-byte limit")
             data = resp.read(URL_MAX_BYTES + 1)
     except UserError:
         raise
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
+    except urllib.error.HTTPError as e:
+        raise UserError(
+            f"cannot download {url}: HTTP {e.code} {e.reason}; fix: check the URL, or download "
+            "the image yourself and pass the file"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e or type(e).__name__
         raise UserError(
             f"cannot download {url}: {reason}. Offline? Download it and pass the file instead"
         ) from None
     if len(data) > URL_MAX_BYTES:
         raise UserError(f"{url} is over the {URL_MAX_BYTES:,}-byte limit")
-    target.write_bytes(data)
+    return data
+
+
+def _fetch_within(url: str, seconds: float) -> bytes:
+    """`_fetch` in a thread, given `seconds` in all: a per-read socket timeout alone lets a
+    server that sends a byte every few seconds (or a slow DNS lookup) hold the caller forever."""
+    watch = _Watch()
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["data"] = _fetch(url, watch, seconds)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=work, name="imcap-download", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        watch.expire()  # wakes the blocked read; the thread then ends on its own
+        raise UserError(
+            f"cannot download {url}: not finished after {seconds:g} s (the server is too slow or "
+            "stalls); fix: download the image yourself and pass the file"
+        )
+    if "error" in result:
+        raise result["error"]
+    return result["data"]
+
+
+# -- file names from image names and dataset ids -------------------------------------------------
+_UNSAFE = re.compile(r"[^\w.+=@,-]+")  # path separators, spaces, control characters, ...
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(10))}
+
+
+def safe_stem(text: str, max_bytes: int = 100) -> str:
+    """A file-name stem from an image name or dataset id that cannot leave its folder: no path
+    separators, no `..`, no control characters, no leading dot, at most `max_bytes` UTF-8 bytes
+    (a long name keeps a hash of the whole, so two long names stay distinct)."""
+    text = unicodedata.normalize("NFC", str(text))
+    stem = re.sub(r"\.{2,}", ".", _UNSAFE.sub("_", text)).strip("._-") or "image"
+    if stem.split(".")[0].upper() in _RESERVED:  # names Windows will not create
+        stem = f"_{stem}"
+    if len(stem.encode()) > max_bytes:
+        tag = "_" + hashlib.sha1(text.encode()).hexdigest()[:8]
+        cut = stem.encode()[: max_bytes - len(tag)].decode(errors="ignore")
+        stem = cut.rstrip("._-") + tag
+    return stem
+
+
+def unique_stems(
+    keys: Sequence[str], stem_of: Callable[[str], str] = str, max_bytes: int = 100
+) -> dict[str, str]:
+    """Each key's `safe_stem(stem_of(key))`, distinct within `keys`, also on case-insensitive
+    file systems: keys that would share a stem (paths `a/cat.jpg` and `b/cat.jpg` by their
+    `Path.stem`; ids `x/y` and `x_y`) get a short hash of the whole key, so a name does not
+    depend on the order of the set; a counter settles any clash left."""
+    keys = list(dict.fromkeys(str(k) for k in keys))
+    base = {k: safe_stem(stem_of(k), max_bytes - 9) for k in keys}
+    count: dict[str, int] = {}
+    for stem in base.values():
+        count[stem.casefold()] = count.get(stem.casefold(), 0) + 1
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for k in keys:
+        stem = base[k]
+        if count[stem.casefold()] > 1:
+            stem = f"{stem}_{hashlib.sha1(k.encode()).hexdigest()[:8]}"
+        name, n = stem, 1
+        while name.casefold() in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name.casefold())
+        out[k] = name
+    return out
+
+
+def file_in(folder: str | Path, stem: str, suffix: str) -> Path:
+    """`folder/stem+suffix` for a stem from `safe_stem`/`unique_stems`, checked to be directly
+    inside `folder` (a last guard: a bug upstream must not write elsewhere)."""
+    folder = Path(folder)
+    target = folder / f"{stem}{suffix}"
+    if target.parent != folder or stem in ("", ".", "..") or "/" in stem or "\\" in stem:
+        raise ValueError(f"unsafe file name {stem!r} for {folder}")
     return target
 
 

@@ -348,7 +348,7 @@ class Captioner(L.LightningModule):
             raise UserError(
                 f"training diverged: the loss is {float(loss.detach())} at epoch {self.current_epoch}, "
                 f"step {step}. Checkpoints saved before this point are kept and no new one is "
-                "written. Lower model.optim.lr, keep trainer.gradient_clip_val on, or try "
+                "written. Lower model.optimizer.lr, keep trainer.gradient_clip_val on, or try "
                 "trainer.precision=32-true"
             )
 

@@ -4,6 +4,7 @@ staged CNN fine-tuning, progress lines for log files."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from timm.models import group_parameters
 
+from imcap.data.images import file_in, unique_stems
 from imcap.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -364,11 +366,13 @@ class AttentionMaps(L.Callback):
         with torch.no_grad():
             out = pl_module.generate(pl_module.features(batch), beam_size=1, return_attn=True)
         tag = f"epoch_{trainer.current_epoch:03d}" if trainer.state.fn == "fit" else "best"
+        # ids come from annotation files: `../x` or `a/b` must not leave or nest in the folder
+        names = unique_stems([str(i) for i in ids])
         figures = []
         for j, image_id in enumerate(ids):
             caption = pl_module.vocab.decode(out.tokens[j].tolist())
             words = attention_words(caption, int(pl_module.decoding["max_len"]))
-            target = Path(self.dirpath) / tag / f"{image_id}.png"
+            target = file_in(Path(self.dirpath) / tag, names[str(image_id)], ".png")
             figures.append(
                 attention_figure(
                     link.image_path(image_id), words, out.alphas[j].float().cpu(), target
@@ -389,6 +393,62 @@ class AttentionMaps(L.Callback):
                 logger.log_image(
                     key="val/attention", images=[str(f) for f in figures], step=trainer.global_step
                 )
+
+
+class OverflowGuard(L.Callback):
+    """A learning rate so large that the optimizer's update does not fit the weights' float type
+    (model.optimizer.lr=1e38 with Adam: lr / (1 - beta1) > 3.4e38) fails inside torch's
+    `optimizer.step` with "value cannot be converted to type float without overflow", a
+    traceback from deep in Lightning. Here that failure, and only it, becomes one line naming
+    the learning-rate setting; an error of the forward/backward closure passes through."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for opt in trainer.optimizers:
+            if not getattr(opt.step, "_overflow_guard", False):
+                opt.step = self._guarded(opt.step, trainer, pl_module)
+
+    @staticmethod
+    def _guarded(step: Any, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        @functools.wraps(step)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            closure = kwargs.get("closure", args[0] if args else None)
+            done = [closure is None]  # an error before the closure returns is not the update's
+            if closure is not None:
+
+                def tracked() -> Any:
+                    out = closure()
+                    done[0] = True
+                    return out
+
+                args, kwargs = ((), {**kwargs, "closure": tracked})
+            try:
+                return step(*args, **kwargs)
+            except RuntimeError as e:
+                if not done[0] or "without overflow" not in str(e):
+                    raise
+                raise UserError(OverflowGuard.message(e, trainer, pl_module)) from None
+
+        guarded._overflow_guard = True  # type: ignore[attr-defined]
+        return guarded
+
+    @staticmethod
+    def message(e: Exception, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        hp = getattr(pl_module, "hparams", {}) or {}
+        rates = {"model.optimizer.lr": (hp.get("optimizer") or {}).get("lr")}
+        if any(len(o.param_groups) > 1 for o in trainer.optimizers):  # the encoder trains too
+            rates["model.encoder_lr"] = hp.get("encoder_lr")
+        key, lr = max(
+            ((k, v) for k, v in rates.items() if isinstance(v, int | float)),
+            key=lambda kv: kv[1],
+            default=("model.optimizer.lr", None),
+        )
+        value = f"={lr:g}" if lr is not None else ""
+        first = str(e).strip().splitlines()[0]
+        return (
+            f"training stopped at step {trainer.global_step}: the optimizer's update overflowed "
+            f"({first}); {key}{value} is far too large; fix: lower {key} (typical values are "
+            "1e-4 to 1e-3)"
+        )
 
 
 class ProgressLog(L.Callback):

@@ -17,7 +17,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from imcap.data.images import ImageFiles, collate_images, list_images, make_transform
+from imcap.data.images import (
+    ImageFiles,
+    collate_images,
+    file_in,
+    list_images,
+    make_transform,
+    safe_stem,
+    unique_stems,
+)
 from imcap.errors import UserError
 from imcap.model.checkpoint import check_hparams
 from imcap.model.module import (
@@ -205,7 +213,9 @@ def train(cfg: DictConfig) -> float | None:
     dm = CaptionDataModule.for_model(plain(cfg.data), model, cfg.mode)
     if cfg.get("compile"):
         model.decoder.compile()  # in place: state-dict keys unchanged
-    callbacks = make_callbacks(cfg)
+    from imcap.pipeline.callbacks import OverflowGuard
+
+    callbacks = [*make_callbacks(cfg), OverflowGuard()]  # always on, whatever callbacks= says
     extra: dict[str, Any] = {}
     if not sys.stderr.isatty():  # a log file, not a terminal: progress lines, not bar redraws
         from imcap.pipeline.callbacks import ProgressLog
@@ -499,6 +509,8 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
     bad: list[str] = []
     attention = bool(cfg.get("attention"))
     att_dir = out / "attention"
+    # one map per image, named by its stem: two `cat.jpg` in different folders both keep theirs
+    att_names = unique_stems([str(p) for p in paths], lambda k: Path(k).stem)
     for batch in loader:
         bad += [str(paths[i]) for i in batch["bad"].tolist()]
         if batch["index"].numel() == 0:
@@ -509,7 +521,8 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
             text = model.vocab.decode(dec.tokens[j].tolist())
             row = {"image": str(paths[i]), "caption": text}
             if attention:
-                row["attention_map"] = str(save_attention(model, paths[i], dec, j, att_dir))
+                name = att_names[str(paths[i])]
+                row["attention_map"] = str(save_attention(model, paths[i], dec, j, att_dir, name))
             rows.append(row)
             print(f"{paths[i]}: {text}")
     if not rows:
@@ -525,8 +538,11 @@ def caption(cfg: DictConfig) -> list[dict[str, str]]:
     return rows
 
 
-def save_attention(model: Captioner, path: Path, dec: Any, j: int, out: Path) -> Path:
-    """Per-word attention figure (attention decoders only)."""
+def save_attention(
+    model: Captioner, path: Path, dec: Any, j: int, out: Path, name: str | None = None
+) -> Path:
+    """Per-word attention figure (attention decoders only) as `out/<name>.png`; `name` is made
+    safe (no separators, no `..`), the image's stem when not given."""
     from imcap.eval.viz import attention_figure, attention_words
 
     if dec.alphas is None:
@@ -536,7 +552,7 @@ def save_attention(model: Captioner, path: Path, dec: Any, j: int, out: Path) ->
             "checkpoint's maps, so list an attention checkpoint first"
         )
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{Path(path).stem}.png"
+    target = file_in(out, safe_stem(name or Path(path).stem), ".png")
     tokens = dec.tokens[j].tolist()
     words = attention_words(model.vocab.decode(tokens), int(model.decoding["max_len"]))
     attention_figure(path, words, dec.alphas[j].float().cpu(), target)
