@@ -33,6 +33,8 @@ from imcap.errors import UserError  # noqa: E402
 from imcap.serve.app import create_app  # noqa: E402
 from imcap.serve.engine import Engine, Limits, example_images, newest_checkpoint  # noqa: E402
 
+LOCAL = "http://127.0.0.1"
+
 
 def image_bytes(index: int = 0, fmt: str = "PNG", size: int = 96) -> bytes:
     """A synthetic test-split scene (deterministic) encoded as `fmt`."""
@@ -68,7 +70,8 @@ def engine(run: dict) -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine: Engine) -> TestClient:
-    return TestClient(create_app(engine, Limits(), example_images(None, engine.model)))
+    app = create_app(engine, Limits(), example_images(None, engine.model))
+    return TestClient(app, base_url=LOCAL)  # the demo answers to its own address, not testserver
 
 
 def post(client, data: bytes, name: str = "scene.png", ctype: str = "image/png", **fields):
@@ -170,7 +173,7 @@ def test_model_card_without_metrics_uses_the_checkpoints_own_score(run) -> None:
 
 
 def test_no_attention_key_for_a_decoder_without_attention(run) -> None:
-    c = TestClient(create_app(Engine(run["plain"])))
+    c = TestClient(create_app(Engine(run["plain"])), base_url=LOCAL)
     body = post(c, image_bytes()).json()
     assert body["caption"] and "attention" not in body
 
@@ -240,7 +243,7 @@ def test_a_bad_request_is_a_4xx_with_a_message(client, kwargs, status, words) ->
 
 
 def test_a_body_over_the_upload_limit_is_refused_before_it_is_read(engine: Engine) -> None:
-    small = TestClient(create_app(engine, Limits(max_upload_bytes=100_000)))
+    small = TestClient(create_app(engine, Limits(max_upload_bytes=100_000)), base_url=LOCAL)
     big = b"\x89PNG\r\n\x1a\n" + os.urandom(400_000)
     r = post(small, big)  # Content-Length declared: refused at once
     assert r.status_code == 413 and "upload limit" in r.json()["error"]
@@ -264,7 +267,8 @@ def test_a_real_server_answers_20_concurrent_requests_and_survives_the_hostile_o
 ) -> None:
     images = [image_bytes(i % 4) for i in range(20)]
     expected = [post(client, image_bytes(i)).json()["caption"] for i in range(4)]
-    with live_server(create_app(engine)) as url:
+    # room for all 20 (by default 8 are admitted, the rest get 503: test_serve_security.py)
+    with live_server(create_app(engine, Limits(max_pending=20))) as url:
 
         def one(data: bytes) -> httpx.Response:
             files = {"file": ("scene.png", data, "image/png")}
@@ -317,7 +321,9 @@ def serve_cli(*args: str) -> subprocess.Popen:
 
 
 def test_serve_cli_without_a_checkpoint_says_how_to_train_one(tmp_path: Path) -> None:
-    proc = serve_cli(f"paths.log_dir={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path / 'o'}")
+    proc = serve_cli(
+        "ckpt_path=latest", f"paths.log_dir={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path / 'o'}"
+    )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     err = [ln for ln in out.splitlines() if ln.startswith("error:")]
@@ -325,14 +331,17 @@ def test_serve_cli_without_a_checkpoint_says_how_to_train_one(tmp_path: Path) ->
 
 
 def test_serve_cli_serves_the_newest_checkpoint_on_loopback(tmp_path: Path) -> None:
-    """`python src/serve.py` with no ckpt_path: the newest run's best checkpoint (not its
+    """`python src/serve.py ckpt_path=latest`: the newest run's best checkpoint (not its
     last.ckpt), named in the log, on 127.0.0.1; Ctrl-C stops it."""
     ckpts = tmp_path / "outputs" / "train" / "runs" / "r" / "checkpoints"
     demo_checkpoint(ckpts / "epoch_001.ckpt", attention=False)
     demo_checkpoint(ckpts / "last.ckpt", attention=False)
     port = free_port()
     proc = serve_cli(
-        f"paths.log_dir={tmp_path / 'outputs'}", f"port={port}", f"hydra.run.dir={tmp_path / 'o'}"
+        "ckpt_path=latest",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+        f"port={port}",
+        f"hydra.run.dir={tmp_path / 'o'}",
     )
     try:
         deadline, up = time.monotonic() + 120, False
@@ -348,5 +357,5 @@ def test_serve_cli_serves_the_newest_checkpoint_on_loopback(tmp_path: Path) -> N
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
-    assert "no ckpt_path given: serving the newest checkpoint" in out
+    assert "ckpt_path=latest: serving the newest checkpoint" in out
     assert f"http://127.0.0.1:{port}" in out

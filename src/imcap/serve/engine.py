@@ -2,8 +2,10 @@
 about it (the model card) and the example images.
 
 torch on a small CPU is fastest with one batch at a time, so requests take turns on a lock; the
-web server's threads wait on it instead of competing for the cores. Several images of one
-request are one batch.
+web server's threads wait on it instead of competing for the cores (for at most the caller's
+timeout: a request never waits forever). Several images of one request are one batch. An image
+is made into the model's small input tensor (`prepare`) before the wait, so a waiting request
+holds kilobytes, not the decoded photo.
 """
 
 from __future__ import annotations
@@ -33,11 +35,37 @@ WEB_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}  # what the page and the API a
 
 @dataclass
 class Limits:
-    """What one request may ask for (safe defaults; conf/serve.yaml sets them)."""
+    """What the demo allows one request and all of them together: safe defaults here;
+    conf/serve.yaml sets them (each field is the config key of the same name, but
+    max_upload_mb there)."""
 
     max_upload_bytes: int = 20 << 20  # per request, all its images together
     max_images: int = 8  # images per request
     max_beam_size: int = 10
+    max_request_pixels: int = 100_000_000  # header-declared pixels per request, before decoding
+    max_pending: int = 8  # caption requests admitted at once (reading, decoding, waiting, running)
+    max_decoding: int = 1  # images decoded at once, over all requests (each up to 8 B a pixel)
+    queue_timeout_s: float = 30.0  # longest wait for a decoding thread and the model, then 503
+    body_timeout_s: float = 60.0  # a request body must arrive within this, else 408
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (uvicorn)
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn)
+    max_connections: int = 64  # open connections + requests in progress; beyond it uvicorn 503s
+    host: str = "127.0.0.1"  # the address the server is bound to (the Host check starts there)
+    allowed_hosts: tuple[str, ...] = ()  # more names the Host header may carry ("*.example.org")
+    allowed_origins: tuple[str, ...] = ()  # other web origins that may POST ("https://x.org")
+
+
+class Busy(Exception):
+    """The model stayed busy for longer than a request may wait (a 503 with Retry-After)."""
+
+
+@dataclass
+class Prepared:
+    """One image as the model takes it, and what the answer reports about the original."""
+
+    x: torch.Tensor  # (3, H, W)
+    size: tuple[int, int]  # the original's width, height
+    view: list[float]  # the part of the original the encoder sees
 
 
 def newest_checkpoint(root: Path) -> Path:
@@ -46,7 +74,7 @@ def newest_checkpoint(root: Path) -> Path:
     found = [p for p in root.rglob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
     if not found:
         raise UserError(
-            f"no ckpt_path given and no checkpoint under {root}: train one with "
+            f"ckpt_path=latest: no checkpoint under {root}: train one with "
             "`python src/train.py` (a few minutes on a laptop CPU) or pass ckpt_path=<.ckpt>"
         )
     newest = max(found, key=lambda p: p.stat().st_mtime)
@@ -109,21 +137,37 @@ class Engine:
         self.lock = threading.Lock()
         self.served = 0
 
+    def prepare(self, image: Image.Image) -> Prepared:
+        """The model's input for one image: made as soon as it is decoded, so the decoded
+        image can be freed before the request waits for its turn."""
+        return Prepared(self.transform(image), image.size, view_box(self.transform, *image.size))
+
     def caption(
-        self, images: Sequence[Image.Image], beam_size: int, length_penalty: float
+        self,
+        images: Sequence[Image.Image | Prepared],
+        beam_size: int,
+        length_penalty: float,
+        timeout: float | None = None,
     ) -> list[dict[str, Any]]:
         """Caption, n-best beams with log-probs and (attention decoders) per-word maps, for each
-        image; the images are decoded as one batch."""
-        x = torch.stack([self.transform(im) for im in images])  # (B, 3, H, W)
-        with self.lock, torch.no_grad():
-            feats = self.model.encode(x)
-            dec = self.model.generate(
-                feats, beam_size, return_attn=self.attention, length_penalty=length_penalty
-            )
-            self.served += len(images)
+        image; the images are captioned as one batch. Waits at most `timeout` seconds for the
+        model (None: as long as it takes), then raises Busy."""
+        items = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
+        x = torch.stack([p.x for p in items])  # (B, 3, H, W)
+        if not self.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise Busy(f"the model stayed busy for over {timeout or 0:.0f} s")
+        try:
+            with torch.no_grad():
+                feats = self.model.encode(x)
+                dec = self.model.generate(
+                    feats, beam_size, return_attn=self.attention, length_penalty=length_penalty
+                )
+            self.served += len(items)
+        finally:
+            self.lock.release()
         vocab, max_len = self.model.vocab, int(self.model.decoding["max_len"])
         out = []
-        for j, im in enumerate(images):
+        for j, item in enumerate(items):
             beams = [
                 {"caption": vocab.decode(t), "logprob": round(lp, 4), "score": round(s, 4)}
                 for t, lp, s in zip(
@@ -138,8 +182,8 @@ class Engine:
             row: dict[str, Any] = {
                 "caption": caption,
                 "beams": beams,
-                "size": list(im.size),
-                "view": view_box(self.transform, *im.size),
+                "size": list(item.size),
+                "view": item.view,
             }
             if dec.alphas is not None:
                 row["attention"] = attention_json(caption, max_len, dec.alphas[j])
@@ -242,18 +286,26 @@ def model_card(path: Path, ckpt: dict, model: Captioner) -> dict[str, Any]:
 
 
 # -- example images ------------------------------------------------------------------------------
+MAX_EXAMPLE_BYTES = 20 << 20  # an example larger than this is skipped (the page fetches it whole)
+
+
 def example_images(spec: Any, model: Captioner, n: int = 4) -> list[tuple[str, bytes]]:
-    """(name, bytes) of the images the page offers to click: the given files/folder/glob, else a
-    few of the checkpoint's own dataset (rendered anew for the synthetic set)."""
+    """(name, bytes) of the images the page offers to click: the files/folder/glob the user's
+    config names (`examples=`), else, for the synthetic set, a few scenes rendered anew. Never
+    files from a folder the checkpoint names: a checkpoint is data from elsewhere, and its
+    data.root must not choose what this server reads and publishes."""
     if spec:
         paths = [p for p in list_images(spec) if p.suffix.lower() in WEB_SUFFIXES][:8]
-        return [(p.name, p.read_bytes()) for p in paths]
+        out = []
+        for p in paths:
+            if p.stat().st_size > MAX_EXAMPLE_BYTES:
+                log.warning("example %s is over %d MB: not offered", p, MAX_EXAMPLE_BYTES >> 20)
+                continue
+            out.append((p.name, p.read_bytes()))
+        return out
     data = dict(model.hparams.get("data") or {})
     if data.get("name") == "synthetic":
         return _synthetic_examples(data, n)
-    root = Path(str(data.get("root") or ""))
-    if data.get("root") and root.is_dir():
-        return [(p.name, p.read_bytes()) for p in _some_images(root, n)]
     return []
 
 
@@ -261,7 +313,11 @@ def _synthetic_examples(data: dict, n: int) -> list[tuple[str, bytes]]:
     from imcap.data.synthetic import make_example, render
 
     source = dict(data.get("source") or {})
-    seed, size = int(source.get("seed", 0)), int(source.get("image_size", 128))
+    try:
+        seed, size = int(source.get("seed", 0)), int(source.get("image_size", 128))
+    except (TypeError, ValueError):  # the checkpoint's own numbers: nonsense means no examples
+        return []
+    size = min(max(size, 16), 1024)  # bounded before rendering
     out = []
     for i in range(n):  # test-split scenes: never trained on
         scene, _ = make_example(seed, "test", i, size)
@@ -269,15 +325,3 @@ def _synthetic_examples(data: dict, n: int) -> list[tuple[str, bytes]]:
         render(scene, size).save(buf, format="JPEG", quality=95, subsampling=0)  # as on disk
         out.append((f"syn_test_{i:06d}.jpg", buf.getvalue()))
     return out
-
-
-def _some_images(root: Path, n: int, max_dirs: int = 200) -> list[Path]:
-    """n images spread over the first folder under `root` that holds images (a bounded walk)."""
-    for i, d in enumerate(sorted({root, *(p for p in root.glob("*") if p.is_dir())})):
-        if i >= max_dirs:
-            break
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in WEB_SUFFIXES and p.is_file())
-        if files:
-            step = max(1, len(files) // n)
-            return files[::step][:n]
-    return []

@@ -3,7 +3,8 @@
 A server must survive whatever people drop on it: an empty file, a text file, a truncated photo,
 a PNG that calls itself .jpg, a tiny file declaring a gigapixel image. Each is refused with a
 4xx status and one sentence before any expensive work; the format is decided by the content
-(magic bytes), never by the name alone.
+(magic bytes), never by the name alone. `check_upload` reads only the header, so a request's
+images can be budgeted together (`check_request_pixels`) before any of them is decoded.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from imcap.data.images import BAD_IMAGE_ERRORS, MAX_PIXELS, ImageTooLarge, load_image
+from imcap.data.images import BAD_IMAGE_ERRORS, MAX_PIXELS
 
 ACCEPTED = "a JPEG, PNG or WebP image"
 EXTENSION = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
@@ -83,10 +86,45 @@ def looks_like(data: bytes) -> str:
     return "binary data of an unknown kind"
 
 
-def decode_upload(
-    data: bytes, name: str = "", media_type: str | None = None, max_bytes: int = 20 << 20
-) -> Image.Image:
-    """Check and decode one upload; raises BadUpload (400 bad, 413 too big, 415 not an image)."""
+@dataclass(frozen=True)
+class Header:
+    """What an upload's header declares: enough to budget a request before decoding anything."""
+
+    label: str  # how messages name it ('photo.jpg' or "the upload")
+    fmt: str  # JPEG, PNG or WEBP, from the content
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _too_large(label: str, size: str, limit: int) -> BadUpload:
+    return BadUpload(
+        413,
+        f"{label} declares {size} pixels, over the {limit:,}-pixel limit per image (a "
+        "decompression-bomb guard: it was not decoded): downscale it and upload again",
+    )
+
+
+def _undecodable(label: str, fmt: str, e: Exception) -> BadUpload:
+    return BadUpload(
+        400,
+        f"{label} cannot be decoded as a {fmt} image ({str(e)[:120]}): the file is truncated "
+        "or corrupt; re-export or re-download it",
+    )
+
+
+def check_upload(
+    data: bytes,
+    name: str = "",
+    media_type: str | None = None,
+    max_bytes: int = 20 << 20,
+    max_pixels: int = MAX_PIXELS,
+) -> Header:
+    """Everything about one upload that is known without decoding it (size, format, name and
+    declared type, the pixel count in its header); raises BadUpload (400, 413 or 415)."""
     label = f"'{name}'" if name else "the upload"
     if not data:
         raise BadUpload(400, f"{label} is empty (0 bytes): choose {ACCEPTED}")
@@ -115,23 +153,57 @@ def decode_upload(
             f"{label} is a {fmt} file but was sent as {media_type}: send it as "
             f"{MEDIA_TYPE[fmt]} (a file whose declared type and content disagree is refused)",
         )
-    try:
-        return load_image(io.BytesIO(data))  # header pixel-count check before any decoding
-    except (ImageTooLarge, Image.DecompressionBombError) as e:
-        # ours names WxH; Pillow's own (at open, for the hugest) names the pixel count
-        m = re.search(r"(\d+x\d+) pixels|\((\d+) pixels\)", str(e))
-        size = (m.group(1) or f"{int(m.group(2)):,}") if m else "more"
+    limit = min(max_pixels, MAX_PIXELS)
+    try:  # Image.open reads the header only; the sniffed format's reader, no other
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            width, height = im.size
+    except Image.DecompressionBombError as e:  # Pillow's own, at open, for the hugest
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(label, f"{int(m.group(1)):,}" if m else "more", limit) from None
+    except BAD_IMAGE_ERRORS as e:
+        raise _undecodable(label, fmt, e) from None
+    if width * height > limit:
+        raise _too_large(label, f"{width}x{height}", limit)
+    return Header(label, fmt, width, height)
+
+
+def check_request_pixels(headers: Sequence[Header], budget: int) -> None:
+    """Refuse (413) a request whose images together declare more than `budget` pixels: what
+    decoding them costs in memory and time is known from the headers, before any is decoded."""
+    total = sum(h.pixels for h in headers)
+    if total > budget:
+        sizes = ", ".join(f"{h.width}x{h.height}" for h in headers[:4])
+        more = f" and {len(headers) - 4} more" if len(headers) > 4 else ""
         raise BadUpload(
             413,
-            f"{label} declares {size} pixels, over the {MAX_PIXELS:,}-pixel limit (a "
-            "decompression-bomb guard: it was not decoded): downscale it and upload again",
-        ) from None
+            f"the {len(headers)} image(s) of this request declare {total:,} pixels together "
+            f"({sizes}{more}), over this server's budget of {budget:,} pixels per request "
+            "(max_request_pixels; none was decoded): send fewer or smaller images",
+        )
+
+
+def decode_checked(data: bytes, header: Header) -> Image.Image:
+    """Decode an upload `check_upload` passed, as RGB. An RGB file is not copied (a conversion
+    would double the peak memory of a large image)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=[header.fmt]) as im:
+            if im.size != (header.width, header.height):  # the same bytes: cannot happen
+                raise BadUpload(400, f"{header.label} changed size between reads")
+            im.load()
+            return im if im.mode == "RGB" else im.convert("RGB")
     except BAD_IMAGE_ERRORS as e:
-        raise BadUpload(
-            400,
-            f"{label} cannot be decoded as a {fmt} image ({str(e)[:120]}): the file is truncated "
-            "or corrupt; re-export or re-download it",
-        ) from None
+        raise _undecodable(header.label, header.fmt, e) from None
+
+
+def decode_upload(
+    data: bytes,
+    name: str = "",
+    media_type: str | None = None,
+    max_bytes: int = 20 << 20,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """Check and decode one upload; raises BadUpload (400 bad, 413 too big, 415 not an image)."""
+    return decode_checked(data, check_upload(data, name, media_type, max_bytes, max_pixels))
 
 
 def from_base64(text: str) -> tuple[bytes, str | None]:
