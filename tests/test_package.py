@@ -169,3 +169,25 @@ def test_installed_copy_captions_with_the_shipped_model_by_default(site, tmp_pat
     assert "using the shipped model flickr8k-topdown-lite2" in r.stdout
     caption = r.stdout.split(f"{image}: ", 1)[1].splitlines()[0]
     assert len(caption.split()) >= 3, caption
+
+
+def test_installed_copy_trains_evaluates_and_exports_from_anywhere(site, tmp_path):
+    """imcap train (built-in data, debug=fast), eval and export as installed, in a folder that
+    is not a checkout: data, caches and run folders land under the working directory."""
+    import json
+
+    small = ["data.source.n_train=64", "data.source.n_val=16", "data.source.n_test=16"]
+    r = run_installed(site, tmp_path, "-m", "imcap", "train", "debug=fast", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (metrics,) = (tmp_path / "outputs" / "train" / "runs").glob("*/metrics.json")
+    ckpt = json.loads(metrics.read_text())["best_checkpoint"]
+    assert Path(ckpt).is_relative_to(tmp_path) and (tmp_path / "data" / "synthetic").is_dir()
+    r = run_installed(site, tmp_path, "-m", "imcap", "eval", f"ckpt_path={ckpt}", "split=val",
+                      "metrics.meteor=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "eval" / "runs").glob("*/metrics_val.json"))
+    out = tmp_path / "exported"
+    r = run_installed(site, tmp_path, "-m", "imcap", "export", f"ckpt_path={ckpt}",
+                      "format=torchscript", f"output={out}")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "captioner.pt").is_file()
