@@ -84,6 +84,8 @@ def main() -> None:
     model = load_captioner(src)
     # the dataset is recorded by name: where it lives is the user's (data.root=...)
     hp["data"] = {**(hp.get("data") or {}), "root": None}
+    # its default decoding is the card's (training validated greedy)
+    hp["decoding"] = {**hp["decoding"], "beam_size": args.beam}
     packed = zoo.pack(model, hp)
     packed["epoch"], packed["global_step"] = raw.get("epoch"), raw.get("global_step")
     packed["trained_from"] = {"file": src.name, "sha256": _sha256(src)}
