@@ -15,7 +15,6 @@ python bench/ship_model.py --ckpt <best .ckpt> --name flickr8k-topdown-lite2 \
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -88,7 +87,7 @@ def main() -> None:
     hp["decoding"] = {**hp["decoding"], "beam_size": args.beam}
     packed = zoo.pack(model, hp)
     packed["epoch"], packed["global_step"] = raw.get("epoch"), raw.get("global_step")
-    packed["trained_from"] = {"file": src.name, "sha256": _sha256(src)}
+    packed["trained_from"] = {"file": src.name, "sha256": zoo.sha256(src)}
 
     zoo.ZOO_DIR.mkdir(parents=True, exist_ok=True)
     target = zoo.ZOO_DIR / f"{args.name}.pt"
@@ -117,7 +116,7 @@ def main() -> None:
     per_s = len(images) / (time.perf_counter() - t)
 
     os.replace(tmp, target)
-    digest = _sha256(target)
+    digest = zoo.sha256(target)
     card = json.loads(Path(args.card).read_text()) if args.card else {}
     card.update(
         {
@@ -157,14 +156,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 if __name__ == "__main__":

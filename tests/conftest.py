@@ -175,17 +175,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app) -> Iterator[str]:
-    """`app` served by uvicorn on a free loopback port in a thread; yields its base URL."""
+def live_server(app, config: Any = None) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port in a thread (or under `config`, a
+    uvicorn.Config of its own: its port is read from it); yields its base URL."""
     import threading
     import time
 
     import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
+    if config is None:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="off"
+        )
+    port = config.port
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

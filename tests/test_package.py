@@ -120,33 +120,13 @@ def test_installed_copy_composes_a_user_config_dir(site, tmp_path):
         "# @package _global_\ndefaults:\n  - override /encoder: tiny_resnet\n"
         "  - override /decoder: gru\ndata:\n  batch_size: 7\ntags: [mine]\n"
     )
-    r = run_installed(
-        site,
-        tmp_path,
-        "-m",
-        "imcap",
-        "train",
-        "--config-dir",
-        str(user),
-        "experiment=mine",
-        "--cfg",
-        "job",  # fmt: skip
-    )
+    train = ["-m", "imcap", "train", "--config-dir", str(user), "experiment=mine"]
+    r = run_installed(site, tmp_path, *train, "--cfg", "job")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch_size: 7" in r.stdout and "img_size: 64" in r.stdout
     assert "name: resnet18" in r.stdout and "- mine" in r.stdout
     # a misspelt key in a run with a user config dir is still one line naming it
-    r = run_installed(
-        site,
-        tmp_path,
-        "-m",
-        "imcap",
-        "train",
-        "--config-dir",
-        str(user),
-        "experiment=mine",
-        "data.bach_size=3",  # fmt: skip
-    )
+    r = run_installed(site, tmp_path, *train, "data.bach_size=3")
     assert r.returncode == 2 and "data.bach_size" in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1
 

@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_popen, demo_checkpoint, free_port, png_header
+from conftest import ROOT, cli_popen, demo_checkpoint, free_port, live_server, png_header
 
 pytest.importorskip(
     "fastapi", reason="the web demo's extra is not installed: pip install -e '.[demo]'"
@@ -35,7 +34,6 @@ pytest.importorskip(
     "multipart", reason="python-multipart is not installed: pip install -e '.[demo]'"
 )
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -111,22 +109,10 @@ def engine(ckpt: Path) -> Engine:
 def serving(app, limits: Limits) -> Iterator[str]:
     """`app` under uvicorn with the demo's own server config (its connection limit, keep-alive
     and header deadline), on a free loopback port, in a thread; yields the base URL."""
-    port = free_port()
-    config = server_config(app, limits, port)
+    config = server_config(app, limits, free_port())
     config.lifespan = "off"
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with live_server(app, config) as url:
+        yield url
 
 
 def proc_kb(pid: int, key: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -52,7 +51,7 @@ def ship(model: Captioner, folder: Path, name: str) -> Path:
     packed = zoo.pack(model, dict(model.hparams))
     path = folder / f"{name}.pt"
     torch.save(packed, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = zoo.sha256(path)
     entry = {"file": path.name, "sha256": digest, "bytes": path.stat().st_size, "card": {}}
     (folder / "index.json").write_text(json.dumps({"models": {name: entry}}))
     return path

@@ -20,11 +20,11 @@ from typing import Any
 
 from imcap.config import (
     CONF_DIR,
-    CONFIG_DIR_FLAGS,
     preflight,
     resume_overrides,
     set_project_root,
     user_config_dirs,
+    without_config_dirs,
 )
 from imcap.errors import UserError, cli_errors
 
@@ -79,19 +79,6 @@ def continue_in_place() -> None:
             shutil.copy2(f, keep / f.name)
     print(f"resuming {run} from checkpoints/last.ckpt", file=sys.stderr)
     sys.argv[1:] = argv
-
-
-def without_config_dirs(argv: list[str]) -> list[str]:
-    """The command line without its `--config-dir DIR` flags (they are not overrides)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in CONFIG_DIR_FLAGS:
-            skip = True
-        elif not a.startswith("--config-dir="):
-            out.append(a)
-    return out
 
 
 def _entry(task: str) -> Callable[[], Any]:

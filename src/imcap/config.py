@@ -94,15 +94,23 @@ def user_config_dirs(argv: Sequence[str]) -> list[str]:
     return dirs
 
 
+def without_config_dirs(argv: Sequence[str]) -> list[str]:
+    """The command line without its `--config-dir DIR` flags (they are not overrides)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in CONFIG_DIR_FLAGS:
+            skip = True
+        elif not a.startswith("--config-dir="):
+            out.append(a)
+    return out
+
+
 def _overrides(argv: Sequence[str]) -> list[str] | None:
     """The key=value overrides of a plain run (with `--config-dir` folders as a
     hydra.searchpath override); None when Hydra must see the line itself."""
-    args, dirs = list(argv), user_config_dirs(argv)
-    for flag in CONFIG_DIR_FLAGS:  # drop `--config-dir DIR` pairs, then `--config-dir=DIR`
-        while flag in args and args.index(flag) + 1 < len(args):
-            i = args.index(flag)
-            del args[i : i + 2]
-    args = [a for a in args if not a.startswith("--config-dir=")]
+    args, dirs = without_config_dirs(argv), user_config_dirs(argv)
     if any(a.startswith("-") for a in args):  # --multirun, --help, --cfg, -c ...: Hydra's job
         return None
     out = [a for a in args if not a.lstrip("+~").startswith("hydra") or _is_searchpath(a)]

@@ -64,13 +64,18 @@ def verified(name: str) -> Path:
             f"git checkout -- {path.name}; a clone without Git LFS or with a sparse checkout may "
             "lack it)"
         )
-    stat = path.stat()
-    if _sha256(str(path), stat.st_size, stat.st_mtime_ns) != entry["sha256"]:
+    if sha256(path) != entry["sha256"]:
         raise UserError(
             f"shipped model file {path} is corrupt (its sha256 differs from zoo/index.json); "
             "reinstall imcap, or in a checkout git checkout -- its file"
         )
     return path
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (cached per path, size and modification time)."""
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
