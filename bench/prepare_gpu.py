@@ -34,11 +34,14 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     src = Path(args.data_root)
 
+    from flickr8k import compose_train  # data.source: the dataset's layout, from its config
+    from omegaconf import OmegaConf
     from PIL import Image
 
     from imcap.data.datasets import load_records
 
-    records = load_records(name="flickr8k", root=src)
+    source = OmegaConf.to_container(compose_train(["data=flickr8k"]).data.source, resolve=True)
+    records = load_records(name="flickr8k", root=src, **source)
     total = 0
     with tarfile.open(out / "flickr8k.tar.gz", "w:gz", compresslevel=1) as tar:
         for rel in (

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import data_config, data_source
 from PIL import Image
 
 from imcap.data.images import ImageFiles, make_transform
@@ -138,6 +139,7 @@ def datamodule(tmp_path: Path, recs: list[ImageRecord], mode: str, **kw) -> Capt
         connect=lambda link: None,
     )
     data = {
+        **data_config("synthetic"),  # the whole data section, as a run composes it
         "name": "toy",
         "root": str(tmp_path),
         "batch_size": 4,
@@ -290,6 +292,7 @@ def test_a_missing_image_file_stops_an_error_run_and_is_skipped_otherwise(tmp_pa
         for f, s in names
     ]
     (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
-    assert len(load_records("flickr8k", root)) == 3  # skip (the default): left out, warned
+    source = data_source("flickr8k")
+    assert len(load_records("flickr8k", root, **source)) == 3  # skip (default): left out, warned
     with pytest.raises(UserError, match=r"1 image file\(s\) named in .* are missing .*gone.jpg"):
-        load_records("flickr8k", root, bad_images="error")
+        load_records("flickr8k", root, bad_images="error", **source)

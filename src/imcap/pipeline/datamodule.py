@@ -7,7 +7,9 @@
 
 Build it with `CaptionDataModule.for_model(data_cfg, model, mode)`: the model fixes the
 vocabulary, the encoder (transform or cached features) and whether a grid is needed; in
-`setup` the module hands the model what it needs from the data (`Captioner.connect`).
+`setup` the module hands the model what it needs from the data (`Captioner.connect`). A new
+model's vocabulary comes from the data first: `from_config(data_cfg)`, `build_vocab()`, then
+`attach(model, mode)` on the same instance, so the annotations are parsed once per run.
 Every batch is an `imcap.model.batch.Batch`: training batches are (image, caption) pairs
 padded to the longest caption; val/test batches hold each image once, and the references
 come from `references(split)`.
@@ -31,7 +33,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from imcap.config import checked, conf_defaults
 from imcap.data.images import (
     ImageBytes,
     ImageFiles,
@@ -53,34 +54,65 @@ log = logging.getLogger(__name__)
 MODES = ("two_step", "joint")
 # data.* keys read by others: the encoder's input size (an interpolation) and prepare.py's archives
 NOT_FOR_DATAMODULE = ("img_size", "download")
+VOCAB_KEYS = ("min_count", "max_len")
+# What limits one run rather than describing the data: a checkpoint does not record these, and
+# absent means no limit (eval.py scores a checkpoint's whole split) and no feature cache (where
+# this machine keeps one is never a checkpoint's to choose). The only data.* values written in
+# Python; every other one comes from the composed config or the checkpoint's record.
+PER_RUN: dict[str, Any] = {"max_train_images": None, "max_eval_images": None, "cache_dir": None}
 
 
 def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = None) -> dict:
-    """data.* over conf/data/_base.yaml's defaults, without the keys other parts read; an
-    unknown key (a typo such as data.bach_size) is a one-line error naming the valid ones."""
+    """The data module's options: data.* (the composed config, where conf/data/_base.yaml gives
+    every key, or what a checkpoint recorded) with single keys changed. An unknown key (a typo
+    such as data.bach_size), a bad value or a missing key is a one-line error naming it."""
     given = {k: v for k, v in {**data, **(changes or {})}.items() if k not in NOT_FOR_DATAMODULE}
-    base = {k: v for k, v in conf_defaults("data/_base").items() if k not in NOT_FOR_DATAMODULE}
-    opts = checked("data", given, base)
+    keys = tuple(inspect.signature(CaptionDataModule.__init__).parameters)[1:]  # after self
+    _known("data", given, keys)
+    vocab = given.get("vocab")
+    if isinstance(vocab, Mapping):
+        _known("data.vocab", vocab, VOCAB_KEYS)
     for key in ("name", "root"):
-        if opts[key] in (None, "???"):
+        if given.get(key) in (None, "???"):
             raise UserError(f"data.{key} is not set: choose a dataset, e.g. data=flickr8k")
-    positive = {
-        "batch_size": opts["batch_size"],
-        "eval_batch_size": opts["eval_batch_size"],
-        "vocab.max_len": opts["vocab"]["max_len"],
-        "vocab.min_count": opts["vocab"]["min_count"],
-    }
+    positive = {k: given[k] for k in ("batch_size", "eval_batch_size") if k in given}
+    if isinstance(vocab, Mapping):
+        positive |= {f"vocab.{k}": vocab[k] for k in ("max_len", "min_count") if k in vocab}
     for key in ("max_train_images", "max_eval_images", "captions_per_image"):
-        if opts[key] is not None:
-            positive[key] = opts[key]
+        if given.get(key) is not None:
+            positive[key] = given[key]
     for key, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"data.{key} must be a whole number >= 1, got {value!r}")
-    if not isinstance(opts["num_workers"], int) or opts["num_workers"] < 0:
+    workers = given.get("num_workers", 0)
+    if not isinstance(workers, int) or workers < 0:
+        raise UserError(f"data.num_workers must be a whole number >= 0, got {workers!r}")
+    missing = [f"data.{k}" for k in keys if k not in given and k not in PER_RUN]
+    if isinstance(vocab, Mapping):
+        missing += [f"data.vocab.{k}" for k in VOCAB_KEYS if k not in vocab]
+    if missing:
+        name = given["name"]
         raise UserError(
-            f"data.num_workers must be a whole number >= 0, got {opts['num_workers']!r}"
+            f"data lacks {', '.join(missing)}: give the whole data section (conf/data/{name}.yaml "
+            f"as Hydra composes it); a checkpoint written before imcap recorded its data options "
+            f"is scored with data={name} data.root=<the dataset folder>"
         )
-    return opts
+    return {**PER_RUN, **given}
+
+
+def recorded_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of its data.*, so eval.py rebuilds the data without a config:
+    every data module option but the PER_RUN ones."""
+    return {k: v for k, v in data_options(data).items() if k not in PER_RUN}
+
+
+def _known(where: str, given: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise UserError(
+            f"unknown config key {', '.join(f'{where}.{k}' for k in unknown)}; valid keys under "
+            f"{where}: {', '.join(keys)}"
+        )
 
 
 @contextlib.contextmanager
@@ -227,7 +259,7 @@ class CaptionDataModule(L.LightningDataModule):
         pin_memory: bool | None,
         vocab: dict,
         bad_images: str,
-        cache_dir: str,
+        cache_dir: str | None,
         max_train_images: int | None,
         max_eval_images: int | None,
         split: str,
@@ -238,7 +270,8 @@ class CaptionDataModule(L.LightningDataModule):
         gpu_decode: bool,
         extract_precision: str,
     ) -> None:
-        """Every option is required: the defaults are conf/data/_base.yaml (see `for_model`)."""
+        """Every option is required: `data_options` checks them (the values are the composed
+        config's, conf/data/_base.yaml and the dataset's yaml, or a checkpoint's record)."""
         super().__init__()
         self.name, self.root = name, str(root)
         self.loader, self.source = loader, dict(source or {})
@@ -265,30 +298,34 @@ class CaptionDataModule(L.LightningDataModule):
 
     # -- the seam with the model ---------------------------------------------------------------
     @classmethod
+    def from_config(cls, data: Mapping[str, Any], **changes: Any) -> CaptionDataModule:
+        """The data module of a data.* config (see `data_options`), not yet tied to a model:
+        a new model takes its vocabulary from it (`build_vocab`), then `attach`es to it."""
+        return cls(**data_options(data, changes))
+
+    @classmethod
     def for_model(
         cls, data: Mapping[str, Any], model: Any, mode: str = "two_step", **changes: Any
     ) -> CaptionDataModule:
-        """The data module for `model`: its vocabulary, its encoder's transform or cached
-        features (mode), a grid when its decoder attends. `data` is the data.* config (keys
-        missing from it take conf/data/_base.yaml's defaults; unknown keys are an error);
-        `changes` override single keys (e.g. split="val")."""
-        dm = cls(**data_options(data, changes))
-        dm.vocab = model.vocab
+        """The data module for `model` (see `attach`). `data` is the data.* config, or what a
+        checkpoint recorded (see `data_options`); `changes` override single keys (e.g.
+        split="val")."""
+        return cls.from_config(data, **changes).attach(model, mode)
+
+    def attach(self, model: Any, mode: str = "two_step") -> CaptionDataModule:
+        """Serve `model`: its vocabulary, its encoder's transform or cached features (mode), a
+        grid when its decoder attends."""
+        self.vocab = model.vocab
         # a grid when the decoder attends, or the trunk's map for the tuned stages to take
         grid = model.decoder.uses_grid or model.encoder.tune_stages > 0
-        dm._attach(model.encoder, mode, grid=grid)
-        dm.model = model
-        return dm
-
-    @classmethod
-    def train_vocab(cls, data: Mapping[str, Any]) -> Vocab:
-        """The vocabulary of a dataset's training captions (what a new model is built with)."""
-        return cls(**data_options(data)).build_vocab()
+        self._attach(model.encoder, mode, grid=grid)
+        self.model = model
+        return self
 
     @classmethod
     def records_of(cls, data: Mapping[str, Any]) -> dict[str, list[ImageRecord]]:
         """A dataset's records by split (sizes, listings), without a model."""
-        return cls(**data_options(data)).load_records()
+        return cls.from_config(data).load_records()
 
     def link(self) -> DataLink:
         """What the model needs from this data (handed over in `setup`)."""
@@ -305,7 +342,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     # -- records and vocabulary ---------------------------------------------------------------
     def load_records(self) -> dict[str, list[ImageRecord]]:
-        """All splits' records (cached on the instance)."""
+        """All splits' records, read once and kept: the vocabulary, the feature cache and every
+        loader of a run share them."""
         if self.records is None:
             fn = pydoc.locate(self.loader)
             if not callable(fn):
@@ -387,6 +425,12 @@ class CaptionDataModule(L.LightningDataModule):
             if self.encoder is None:
                 raise RuntimeError(
                     "build the data module with CaptionDataModule.for_model(data, model)"
+                )
+            if self.cache_dir is None:  # a checkpoint's record: the cache folder is ours to say
+                raise UserError(
+                    f"mode=two_step needs a feature cache folder and data.cache_dir is not set "
+                    f"(a checkpoint does not record it); fix: pass data={self.name} "
+                    "data.root=<the dataset folder>, or use mode=joint"
                 )
             paths = [r.path for r in self._all_records()]
             # Extraction draws random numbers (a DataLoader seeds its workers from torch's

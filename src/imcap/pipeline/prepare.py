@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from imcap.data.datasets import available_splits, detect_coco_year, load_records
+from imcap.data.datasets import available_splits, detect_year, load_records
 from imcap.data.download import prepare_archives, select_archives
 from imcap.data.records import SPLITS, ImageRecord
 
@@ -22,8 +22,9 @@ def prepare(cfg: DictConfig) -> list[ImageRecord]:
     source = OmegaConf.to_container(data.get("source") or {}, resolve=True)
     download = OmegaConf.to_container(data.get("download") or {}, resolve=True)
     year = source.get("year")
-    if data.name == "coco" and str(year) == "auto":  # the year already on disk, else default_year
-        year = detect_coco_year(root, **source) if root.is_dir() else None
+    if download.get("default_year") is not None and str(year) == "auto":
+        # archives by year (COCO): the year already on disk, else download.default_year
+        year = detect_year(data.name, root, **source) if root.is_dir() else None
     specs = select_archives(download, year=year)
     local = cfg.archives
     if isinstance(local, str | Path):  # archives=/one/file.zip (no brackets)
