@@ -3,6 +3,7 @@ and the in-process CIDEr-D used for self-critical rewards."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -155,6 +156,11 @@ case " $* " in
       hang) exec sleep 600 ;;
       garble) while read line; do echo "not a number"; done ;;
     esac ;;
+  *" -subset "*)  # SPICE: two per-image F-scores into the file after -out
+    prev=""
+    for a in "$@"; do [ "$prev" = "-out" ] && out="$a"; prev="$a"; done
+    echo '[{"image_id": 0, "scores": {"All": {"f": 0.25}}},
+           {"image_id": 1, "scores": {"All": {"f": 0.75}}}]' > "$out" ;;
   *)  # PTB tokenizer: echo the file back (last argument), or fail
     if [ -n "$FAKE_PTB_FAIL" ]; then echo "Exception in thread main" >&2; exit 3; fi
     for last in "$@"; do :; done
@@ -312,3 +318,115 @@ def test_spice_without_its_models_or_java_is_a_user_error(
         CaptionScorer(java=True, spice=True)
     with pytest.raises(UserError, match="metrics.spice=false"):
         CaptionScorer(java=False, spice=True)
+
+
+def _fake_spice_dir(tmp: Path, *jars: str) -> Path:
+    """A copy of pycocoevalcap's spice/ folder layout holding only the named CoreNLP jars."""
+    (tmp / "spice" / "lib").mkdir(parents=True)
+    for jar in jars:
+        (tmp / "spice" / "lib" / jar).write_bytes(b"")
+    return tmp / "spice"
+
+
+def test_spice_without_corenlp_fails_at_start_up_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, pycocoevalcap never got its CoreNLP jars: train/eval stop before anything runs,
+    naming the missing file, the download step and `metrics.spice=false`."""
+    from conftest import compose_train
+
+    from imcap.pipeline.run import check_metrics_env
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("spawned a process")
+
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: "/opt/jre/bin/java")
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    spice = _fake_spice_dir(tmp_path, "stanford-corenlp-3.6.0.jar")  # the models jar is missing
+    monkeypatch.setattr(metrics, "_SPICE_DIR", spice)
+    check_metrics_env(compose_train(["metrics.java=true"]))  # SPICE off by default: no check
+    with pytest.raises(UserError) as err:
+        check_metrics_env(compose_train(["metrics.java=true", "metrics.spice=true"]))
+    msg = str(err.value)
+    assert "\n" not in msg and "`metrics.spice=false`" in msg
+    assert str(spice / "lib" / "stanford-corenlp-3.6.0-models.jar") in msg
+    assert "stanford-corenlp-3.6.0.jar," not in msg  # only what is missing
+    assert "get_stanford_models" in msg
+    with pytest.raises(UserError, match="SPICE runs on Java.*metrics.spice=false"):
+        check_metrics_env(compose_train(["metrics.java=false", "metrics.spice=true"]))
+
+
+@needs_bash
+def test_metrics_spice_true_composes_and_reaches_the_scores(
+    fake_java: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import compose_train
+
+    from imcap.pipeline.run import check_metrics_env, plain
+
+    monkeypatch.setattr(metrics, "_SPICE_DIR", _fake_spice_dir(tmp_path, *metrics._SPICE_MODELS))
+    assert compose_train([]).metrics.spice is False
+    cfg = compose_train(["metrics.java=true", "metrics.meteor=false", "metrics.spice=true"])
+    check_metrics_env(cfg)
+    final = CaptionScorer.from_config(plain(cfg.metrics))
+    assert final.spice and set(final.metrics) == SCORE_KEYS | {"SPICE"}
+    scores = final({"a": "a dog runs", "b": "a cat"}, {"a": ["a dog runs"], "b": ["a black cat"]})
+    assert set(scores) == set(final.metrics) and scores["SPICE"] == pytest.approx(0.5)
+    # validation during training leaves the slow JVM metrics out
+    assert "SPICE" not in CaptionScorer.from_config(plain(cfg.metrics), final=False).metrics
+    # a run config from before `metrics.spice` existed has no SPICE
+    assert CaptionScorer.from_config({"java": True, "meteor": False}).metrics == final.metrics[:-1]
+
+
+# -- one list of metrics -------------------------------------------------------------------------
+def test_every_metric_listing_reads_the_one_declaration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A metric added to `metrics.SPECS` shows up in the run summary, eval.py's names and the
+    sweep table (headline ones only where a headline is shown), with nothing else to edit."""
+    from imcap.pipeline import hydra_callbacks, run
+
+    specs = (*metrics.SPECS, metrics.MetricSpec("FAKE", headline=True), metrics.MetricSpec("FINE"))
+    monkeypatch.setattr(metrics, "SPECS", specs)
+    scores = {"BLEU-1": 0.6, "CIDEr": 0.9, "FAKE": 0.5, "FINE": 0.25}
+    assert metrics.metric_names()[-2:] == ("FAKE", "FINE")
+    assert "FAKE" in metrics.metric_names(headline=True)
+    assert "FINE" not in metrics.metric_names(headline=True)
+
+    run.summary(tmp_path, None, {"val": scores, "total_seconds": 1.0}, None)
+    out = capsys.readouterr().out
+    assert "CIDEr 90.0  FAKE 50.0" in out and "FINE" not in out
+
+    for job, fake in (("0", 0.5), ("1", 0.7)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        result = {"val": {**scores, "FAKE": fake}, "total_seconds": 2.0}
+        (tmp_path / job / "metrics.json").write_text(json.dumps(result))
+    rows = hydra_callbacks.collect(tmp_path)
+    assert rows[0]["val/FAKE"] == 50.0 and "val/FINE" not in rows[0]
+    monkeypatch.setattr(metrics, "OBJECTIVE", "val/FAKE")  # the default ranking, declared once
+    md = hydra_callbacks.write_summary(tmp_path, rows).read_text()
+    assert md.startswith("Scores x100, best val/FAKE first")
+    assert md.index("| 1 | ok |") < md.index("| 0 | ok |")
+
+
+def test_no_module_retypes_the_metric_list() -> None:
+    """Three or more metric names written out together outside eval/metrics.py is a second
+    copy of the list that a new metric would miss: read `metrics.SPECS` instead."""
+    import ast
+
+    names = set(metrics.metric_names())
+    src = Path(metrics.__file__).parents[1]
+    copies = []
+    for path in src.rglob("*.py"):
+        if path == Path(metrics.__file__):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                found = [
+                    e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names
+                ]
+                if len(found) >= 3:
+                    copies.append(f"{path.relative_to(src)}:{node.lineno} {found}")
+    assert not copies, copies

@@ -97,6 +97,7 @@ train, evaluate, caption, export, prepare, serve = (
 
 def models() -> None:
     """imcap models: the shipped models, their val scores, size and recipe."""
+    from imcap.eval.metrics import metric_names
     from imcap.model import zoo
 
     entries = zoo.index()
@@ -106,7 +107,7 @@ def models() -> None:
     for name, e in entries.items():
         card = e.get("card") or {}
         s = card.get("val_scores") or {}
-        scores = "  ".join(f"{k} {100 * s[k]:.1f}" for k in ("BLEU-4", "METEOR", "CIDEr") if k in s)
+        scores = "  ".join(f"{k} {100 * s[k]:.1f}" for k in metric_names(headline=True) if k in s)
         default = "  (default)" if name == zoo.DEFAULT_MODEL else ""
         print(f"{name}{default}")
         print(f"  {card.get('summary', '')}")

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,7 +41,36 @@ from pycocoevalcap.rouge.rouge import Rouge
 from imcap.data.text import tokenize
 from imcap.errors import UserError
 
-METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One score the scorer can give. Everything that lists scores (the scorer's names, the run
+    and eval.py summaries, the sweep table) reads `SPECS`, so a metric is added in one place."""
+
+    name: str  # the key in score dicts and in logged names (`val/<name>`)
+    flag: str | None = None  # the `metrics.<flag>` that turns it on; None: always on
+    java: bool = False  # runs on a JVM, so needs `metrics.java=true`
+    headline: bool = False  # shown in the one-line summaries (end of a run, sweep table)
+
+
+SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec("BLEU-1", headline=True),
+    MetricSpec("BLEU-2"),
+    MetricSpec("BLEU-3"),
+    MetricSpec("BLEU-4", headline=True),
+    MetricSpec("METEOR", flag="meteor", java=True, headline=True),
+    MetricSpec("ROUGE-L", headline=True),
+    MetricSpec("CIDEr", headline=True),
+    MetricSpec("SPICE", flag="spice", java=True, headline=True),
+)
+# what checkpoints are selected on and sweeps ranked by, unless `optimized_metric` says otherwise
+OBJECTIVE = "val/CIDEr"
+
+
+def metric_names(headline: bool = False) -> tuple[str, ...]:
+    """Every metric's name in `SPECS` order (only the headline ones if asked), read at call time."""
+    return tuple(s.name for s in SPECS if s.headline or not headline)
+
 
 _JAVA_FIX = (
     "install a JRE (e.g. `apt install default-jre`), or set `metrics.java=false` to skip METEOR "
@@ -277,7 +307,8 @@ class CaptionScorer:
     Bleu(4)'s corpus score (not a mean of sentence scores), Meteor, Rouge, Cider with all references.
 
     java=False tokenizes with `imcap.data.text.tokenize` (a regex emulation of the Java tokenizer) and
-    drops METEOR. A METEOR JVM, once started, is reused by later calls until `close()`.
+    drops METEOR. A METEOR JVM, once started, is reused by later calls until `close()`. Building
+    one checks Java and SPICE's jars and spawns nothing, so it doubles as a start-up check.
     """
 
     def __init__(
@@ -286,20 +317,37 @@ class CaptionScorer:
         self.java = check_java() if java else None
         self.spice = spice
         if spice:
-            _check_spice(self.java)
+            check_spice(self.java)
         self._meteor = _Meteor(self.java, timeout) if meteor and self.java else None
         self.timeout = timeout
 
+    @classmethod
+    def from_config(
+        cls, cfg: Mapping[str, Any], final: bool = True, timeout: float = 600.0
+    ) -> CaptionScorer:
+        """The scorer the `metrics` config asks for. `final=False` (validation during training)
+        leaves out the slow JVM metrics: METEOR unless `meteor_every_epoch`, SPICE always."""
+        on = {s.flag: bool(cfg.get(s.flag, False)) for s in SPECS if s.flag}
+        if not final:
+            on["meteor"] = on["meteor"] and bool(cfg.get("meteor_every_epoch", False))
+            on["spice"] = False
+        return cls(java=bool(cfg.get("java", True)), timeout=timeout, **on)
+
     @property
     def metrics(self) -> tuple[str, ...]:
-        names = tuple(m for m in METRICS if m != "METEOR" or self._meteor is not None)
-        return names + (("SPICE",) if self.spice else ())
+        """The names this scorer's results have, in `SPECS` order."""
+        on = {"meteor": self._meteor is not None, "spice": self.spice}
+        return tuple(
+            s.name
+            for s in SPECS
+            if (s.flag is None or on.get(s.flag, False)) and (self.java or not s.java)
+        )
 
     def __call__(
         self, preds: Mapping[Any, str], refs: Mapping[Any, Sequence[str]]
     ) -> dict[str, float]:
-        """Scores keyed like METRICS. `preds`: image id -> caption ("" allowed); `refs`: the same ids
-        -> non-empty list of reference captions."""
+        """Scores keyed by `self.metrics`. `preds`: image id -> caption ("" allowed); `refs`: the
+        same ids -> non-empty list of reference captions."""
         ids = _check_inputs(preds, refs)
         ref_lists = [list(refs[i]) for i in ids]
         hyps = [preds[i] or "" for i in ids]
@@ -364,25 +412,35 @@ def _check_inputs(preds: Mapping[Any, str], refs: Mapping[Any, Sequence[str]]) -
     return list(refs)
 
 
+# spice-1.0.jar's manifest class path; pycocoevalcap's get_stanford_models() downloads them on
+# first use (from nlp.stanford.edu, into site-packages), so an offline install has neither
 _SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+_GET_SPICE_MODELS = (
+    "python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'"
+)
 
 
-def _check_spice(java: str | None) -> None:
+def check_spice(java: str | None) -> None:
+    """A one-line UserError, before anything runs, when SPICE could only fail at the end:
+    no Java, or no Stanford CoreNLP jars (fetched online on first use)."""
     if java is None:
         raise UserError(
             "SPICE runs on Java: set `metrics.java=true` (with a JRE installed) or `metrics.spice=false`"
         )
-    if not all((_SPICE_DIR / "lib" / m).exists() for m in _SPICE_MODELS):
+    lib = _SPICE_DIR / "lib"
+    missing = [str(lib / m) for m in _SPICE_MODELS if not (lib / m).is_file()]
+    if missing:
         raise UserError(
-            f"SPICE needs Stanford CoreNLP 3.6.0 in {_SPICE_DIR / 'lib'}: fetch it once online with "
-            "`python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'`, "
-            "or set `metrics.spice=false`"
+            f"SPICE needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads on first use and "
+            f"this install lacks (missing {', '.join(missing)}): set `metrics.spice=false`, or "
+            f"fetch it once, online and with write access to {lib}, with `{_GET_SPICE_MODELS}`"
         )
 
 
 def _spice(java: str | None, gts: dict[int, list[str]], hyps: list[str], timeout: float) -> float:
     """pycocoevalcap's Spice (same jar and flags, mean of per-image 'All' F-scores), with its
-    input and output files in a private temp dir instead of site-packages (and no shared cache)."""
+    input and output files in a private temp dir instead of site-packages, and without `-cache`:
+    its LMDB cache is shared state, and its FST serializer fails on Java 17+."""
     with tempfile.TemporaryDirectory(prefix="imcap-spice-") as tmp:
         src, out = Path(tmp, "in.json"), Path(tmp, "out.json")
         src.write_text(

@@ -12,11 +12,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
-COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+# imcap.eval.metrics (the columns, the default ranking) is imported where used: every task loads
+# this callback, and the toolkit's import takes seconds that caption/serve do not need
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job folder: its overrides, val/test scores, or why it has none."""
+    """One row per job folder: its overrides, headline val/test scores, or why it has none."""
+    from imcap.eval.metrics import metric_names
+
+    columns = metric_names(headline=True)
     rows = []
     jobs = [
         p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra" / "overrides.yaml").exists()
@@ -28,7 +32,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         if metrics_file.exists():
             m = json.loads(metrics_file.read_text())
             for split in ("val", "test"):
-                for k in COLUMNS:
+                for k in columns:
                     if k in m.get(split, {}):
                         row[f"{split}/{k}"] = round(100 * m[split][k], 2)
             row["seconds"] = m.get("total_seconds")
@@ -47,7 +51,12 @@ def swept_only(rows: list[dict[str, Any]]) -> None:
         r["overrides"] = " ".join(f"{k}={v}" for k, v in d.items() if k in varying)
 
 
-def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], sort_key: str = "val/CIDEr") -> Path:
+def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], sort_key: str | None = None) -> Path:
+    """summary.csv and summary.md, best first on `sort_key` (default: metrics.OBJECTIVE)."""
+    if sort_key is None:
+        from imcap.eval.metrics import OBJECTIVE
+
+        sort_key = OBJECTIVE
     cols = [
         "job",
         "status",
@@ -76,5 +85,5 @@ class SweepSummary(Callback):
         if len(rows) > 1:
             swept_only(rows)
         if rows:
-            md = write_summary(sweep_dir, rows, config.get("optimized_metric") or "val/CIDEr")
+            md = write_summary(sweep_dir, rows, config.get("optimized_metric"))
             print(f"\nsweep summary ({len(rows)} trials): {md}\n{md.read_text()}")
