@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from imcap.model.module import load_captioner  # noqa: E402
+from imcap.model.checkpoint import load_captioner  # noqa: E402
 from imcap.pipeline.datamodule import CaptionDataModule  # noqa: E402
 from imcap.pipeline.run import plain, train  # noqa: E402
 

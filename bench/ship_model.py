@@ -33,7 +33,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from imcap.config import CONF_DIR  # noqa: E402
 from imcap.model import zoo  # noqa: E402
-from imcap.model.module import load_captioner, read_checkpoint, upgrade_hparams  # noqa: E402
+from imcap.model.checkpoint import load_captioner, read_checkpoint, upgrade_hparams  # noqa: E402
 from imcap.pipeline.run import evaluate  # noqa: E402
 
 KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from imcap.config import model_sections  # noqa: E402
 from imcap.data.records import ImageRecord  # noqa: E402
 from imcap.data.text import Vocab, tokenize  # noqa: E402
 from imcap.errors import UserError  # noqa: E402
@@ -106,15 +107,22 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     }
     if topdown:  # conf/decoder/topdown.yaml
         dec_cfg.update(_target_="imcap.model.decoder.TopDownDecoder", attention_dim=args.hidden)
-    model = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, scheduler=None)
-    data = {"name": "bench", "root": str(tmp), "batch_size": args.batch_size, "num_workers": 0}
+    sections = model_sections(scheduler=None)
+    model = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, **sections)
+    from flickr8k import compose_train  # the whole data section, as a run composes it
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(compose_train(["data=synthetic"]).data, resolve=True)
+    data = {**base, "name": "bench", "root": str(tmp), "batch_size": args.batch_size}
+    data["num_workers"] = 0
     dm = CachedBench.for_model(data, model, "two_step")
     dm.fill(recs, 1280, tmp, regions=args.regions if topdown else 0)
     dm.setup("fit")
     B, steps, warm = args.batch_size, args.steps, args.warmup
 
     # -- ceiling: bare PyTorch, same decoder, shapes, optimizer and on-device gather ----------
-    dec = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg).decoder.to(device)
+    dec = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, **sections)
+    dec = dec.decoder.to(device)
     if args.compile:
         dec.compile()
     opt = torch.optim.AdamW(dec.parameters(), lr=4e-4, foreach=True)  # as Captioner

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import os
 import shutil
@@ -41,6 +43,29 @@ def compose_train(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
+
+
+def data_config(name: str, *overrides: str) -> dict:
+    """conf/data/<name>.yaml as train.py composes it, as plain values: the whole data section
+    the data module and the dataset loader are given (they read no config file themselves)."""
+    return copy.deepcopy(_composed_data(name, overrides))
+
+
+@functools.lru_cache(maxsize=32)
+def _composed_data(name: str, overrides: tuple[str, ...]) -> dict:
+    from omegaconf import OmegaConf
+
+    cfg = compose_train([f"data={name}", *overrides])
+    return OmegaConf.to_container(cfg.data, resolve=True)
+
+
+def data_source(name: str, **changes: Any) -> dict:
+    """data.source of `name` with `changes` merged in as command-line overrides would be (a
+    nested key given keeps its siblings): what `load_records(name, root, **source)` takes."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(data_config(name)["source"], changes)
+    return OmegaConf.to_container(merged)
 
 
 def tiny_overrides(tmp: Path, *extra: str) -> list[str]:
@@ -141,6 +166,7 @@ def demo_checkpoint(path: Path, attention: bool = True, seed: int = 0, **extra) 
     """A small untrained checkpoint in train.py's format (hyperparameters, weights, epoch, the
     checkpoint callback's state): resnet18 at 96 px, a 3x3 grid for attention. Captions are
     word salad, but deterministic, which is all the demo's tests need."""
+    from imcap.config import model_sections
     from imcap.data.text import Vocab
     from imcap.model.module import Captioner
 
@@ -148,9 +174,14 @@ def demo_checkpoint(path: Path, attention: bool = True, seed: int = 0, **extra) 
     vocab = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
     dec = {"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0}
     if attention:
-        dec = {**dec, "_target_": "imcap.model.decoder.AttentionDecoder", "attention_dim": 16}
+        dec = {
+            **dec,
+            "_target_": "imcap.model.decoders.attention.AttentionDecoder",
+            "attention_dim": 16,
+        }
     data = {"name": "synthetic", "root": None, "source": {"seed": 0, "image_size": 96}}
-    model = Captioner(vocab, {"name": "resnet18", "img_size": 96}, dec, data=data).eval()
+    enc = {"name": "resnet18", "img_size": 96}
+    model = Captioner(vocab, enc, dec, data=data, **model_sections()).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {

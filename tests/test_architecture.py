@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_train, tiny_overrides
+from omegaconf import OmegaConf
 
-from imcap.config import conf_defaults, preflight
+from imcap.config import model_sections, preflight
 from imcap.data.text import Vocab
 from imcap.errors import UserError
-from imcap.model.module import Captioner, upgrade_hparams
+from imcap.model.checkpoint import upgrade_hparams
+from imcap.model.module import Captioner
 from imcap.pipeline.datamodule import data_options
 from imcap.pipeline.run import build_model
 
@@ -72,18 +74,24 @@ def test_added_unknown_keys_are_refused_by_the_code() -> None:
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
     with pytest.raises(UserError, match=r"model\.loss\.label_smothing"):
         Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8},
-                  loss={"label_smothing": 0.1})  # fmt: skip
+                  **{**model_sections(), "loss": {"label_smothing": 0.1}})  # fmt: skip
+    with pytest.raises(UserError, match=r"model\.loss lacks model\.loss\.ss_prob.*model_sections"):
+        sections = model_sections()
+        del sections["loss"]["ss_prob"]
+        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, **sections)
 
 
 def test_defaults_come_from_the_configs(tmp_path: Path) -> None:
-    """A model built without Hydra gets conf/model/default.yaml's values, and they are saved."""
+    """A model built without a run gets conf/model/default.yaml's values (composed by Hydra,
+    the one reader of config files), and they are saved."""
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
-    m = Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, loss={})
-    conf = conf_defaults("model/default")
-    assert m.hparams.loss == conf["loss"] and m.hparams.optimizer == conf["optimizer"]
-    assert m.decoding == conf["decoding"] and m.hparams.encoder_lr == conf["encoder_lr"]
-    opts = data_options({"name": "x", "root": str(tmp_path)})
-    assert opts["batch_size"] == conf_defaults("data/_base")["batch_size"]
+    m = Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8},
+                  **model_sections(loss={"label_smoothing": 0.2}))  # fmt: skip
+    conf = compose_train([])
+    assert m.hparams.optimizer == OmegaConf.to_container(conf.model.optimizer)
+    assert m.hparams.loss == {**OmegaConf.to_container(conf.model.loss), "label_smoothing": 0.2}
+    assert m.decoding == OmegaConf.to_container(conf.model.decoding, resolve=True)
+    assert m.hparams.encoder_lr == conf.model.encoder_lr
 
 
 def test_optimizer_and_scheduler_swap_by_config(tmp_path: Path) -> None:
@@ -122,7 +130,7 @@ def test_checkpoints_written_before_the_layout_change_still_load() -> None:
         "data": {"name": "flickr8k", "loader": "imcap.datasets.load_records"},
     }
     hp = upgrade_hparams(old)
-    assert hp["decoder"]["_target_"] == "imcap.model.decoder.ShowTellDecoder"
+    assert hp["decoder"]["_target_"] == "imcap.model.decoders.show_tell.ShowTellDecoder"
     assert hp["data"]["loader"] == "imcap.data.datasets.load_records"
     assert hp["scheduler"] is None and hp["encoder_lr"] == 2e-5 and "optim" not in hp
     m = Captioner(**hp)
@@ -156,3 +164,66 @@ def test_console_entry_points_and_python_m_imcap() -> None:
         timeout=120,
     )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "data.bach_size" in res.stderr
+
+
+CONFIG_READERS = {"cli.py", "config.py", "pipeline/hydra_callbacks.py"}  # the CLI layer
+_READS_CONFIG = {"load", "safe_load", "full_load", "conf_defaults", "initialize_config_dir"}
+
+
+def config_reads(path: Path) -> list[str]:
+    """Calls in a file that read config files (OmegaConf/yaml loads, Hydra composition) and
+    uses of the shipped config folder."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            owner = getattr(f.value, "id", "") if isinstance(f, ast.Attribute) else ""
+            if name in _READS_CONFIG and (owner in {"OmegaConf", "yaml"} or name != "load"):
+                found.append(f"{name}() line {node.lineno}")
+        elif isinstance(node, ast.Name) and node.id == "CONF_DIR":
+            found.append(f"CONF_DIR line {node.lineno}")
+    return found
+
+
+def test_only_the_cli_layer_reads_config_files() -> None:
+    """Defaults live once, in conf/, composed by Hydra; library code gets them as arguments."""
+    readers = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).as_posix()
+        if found := config_reads(path):
+            readers[rel] = found
+    assert set(readers) <= CONFIG_READERS, {
+        k: v for k, v in readers.items() if k not in CONFIG_READERS
+    }
+    assert "config.py" in readers  # the scan sees the real reader
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("imcap.model.decoder.TopDownDecoder", "imcap.model.decoders.topdown.TopDownDecoder"),
+        ("imcap.model.decoder.AttentionDecoder", "imcap.model.decoders.attention.AttentionDecoder"),
+        ("imcap.decoder.ShowTellDecoder", "imcap.model.decoders.show_tell.ShowTellDecoder"),
+    ],
+)
+def test_decoder_class_paths_from_before_the_family_split_are_redirected(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    """Checkpoints name `imcap.model.decoder.X` (one module, before `imcap.model.decoders`):
+    they load as data (no trust needed) into the class's new home, weights intact."""
+    from imcap.model.checkpoint import load_captioner
+
+    vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
+    dec = {"_target_": new, "hidden_dim": 8, "embed_dim": 8}
+    if "ShowTell" not in new:
+        dec["attention_dim"] = 8
+    torch.manual_seed(0)
+    m = Captioner(vocab, {"name": "resnet18", "img_size": 64}, dec, **model_sections())
+    hp = {**m.hparams, "decoder": {**dec, "_target_": old}}
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hp, "state_dict": m.state_dict()}, path)
+    loaded = load_captioner(path)
+    assert f"{type(loaded.decoder).__module__}.{type(loaded.decoder).__name__}" == new
+    assert loaded.hparams.decoder["_target_"] == new
+    torch.testing.assert_close(loaded.state_dict(), m.state_dict())

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from imcap.config import model_sections
 from imcap.data.text import Vocab
-from imcap.model.decoder import AttentionDecoder
+from imcap.model.decoders.attention import AttentionDecoder
 from imcap.model.decoding import beam_search, greedy
 from imcap.model.encoder import Encoder, Features
 from imcap.model.module import Captioner
@@ -48,13 +49,14 @@ def test_attention_weights_sum_to_one_over_each_encoders_regions(
 def tiny_captioner(attention_reg: float) -> Captioner:
     vocab = Vocab(list(Vocab.SPECIALS) + WORDS, max_len=6).to_dict()
     dec = {
-        "_target_": "imcap.model.decoder.AttentionDecoder",
+        "_target_": "imcap.model.decoders.attention.AttentionDecoder",
         "embed_dim": 8,
         "hidden_dim": 16,
         "attention_dim": 8,
         "dropout": 0.0,
     }
-    return Captioner(vocab, {"name": "resnet18"}, dec, loss={"attention_reg": attention_reg})
+    sections = model_sections(loss={"attention_reg": attention_reg})
+    return Captioner(vocab, {"name": "resnet18"}, dec, **sections)
 
 
 def test_doubly_stochastic_regulariser() -> None:

@@ -11,7 +11,7 @@ from conftest import compose_train, run_dir, tiny_overrides
 
 from imcap.errors import UserError
 from imcap.model.attributes import STOPWORDS, attribute_targets, attribute_words
-from imcap.model.module import load_captioner
+from imcap.model.checkpoint import load_captioner
 from imcap.pipeline.run import train
 
 REFS = {

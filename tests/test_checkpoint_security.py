@@ -18,8 +18,7 @@ from conftest import cli, demo_checkpoint
 
 from imcap.config import resume_overrides
 from imcap.errors import UserError
-from imcap.model.checkpoint import RefusedCheckpoint
-from imcap.model.module import load_captioner
+from imcap.model.checkpoint import RefusedCheckpoint, load_captioner
 from imcap.pipeline.run import check_callback_paths, load_models
 
 Attack = Callable[[dict, Path], None]

@@ -62,7 +62,7 @@ def test_groups_exist() -> None:
 def test_encoder_decoder_compose(encoder: str, decoder: str) -> None:
     cfg = resolve(compose_cfg("train", [f"encoder={encoder}", f"decoder={decoder}"]))
     assert cfg["encoder"]["name"]
-    assert cfg["decoder"]["_target_"].startswith("imcap.model.decoder.")
+    assert cfg["decoder"]["_target_"].startswith("imcap.model.decoders.")
     assert cfg["trainer"]["_target_"].endswith("Trainer")
     assert cfg["callbacks"]["model_checkpoint"]["monitor"] == "val/CIDEr"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imcap.model.decoder import ShowTellDecoder
+from imcap.model.decoders.show_tell import ShowTellDecoder
 from imcap.model.decoding import beam_search, greedy, sample
 from imcap.model.encoder import Features
 
@@ -177,6 +177,7 @@ def test_scheduled_sampling_feeds_the_models_own_words() -> None:
 
 
 def test_scheduled_sampling_ramp() -> None:
+    from imcap.config import model_sections
     from imcap.data.text import Vocab
     from imcap.model.module import Captioner
 
@@ -184,7 +185,7 @@ def test_scheduled_sampling_ramp() -> None:
         Vocab(list(Vocab.SPECIALS) + ["a"]).to_dict(),
         {"name": "resnet18"},
         {"hidden_dim": 8, "embed_dim": 8},
-        loss={"ss_prob": 0.4, "ss_ramp_epochs": 4},
+        **model_sections(loss={"ss_prob": 0.4, "ss_ramp_epochs": 4}),
     )
     probs = []
     for epoch in range(6):

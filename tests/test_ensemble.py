@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from conftest import DEMO_WORDS, cli, demo_checkpoint
 
+from imcap.config import model_sections
 from imcap.data.text import Vocab
 from imcap.errors import UserError
+from imcap.model.checkpoint import load_captioner
 from imcap.model.ensemble import EnsembleDecoder
-from imcap.model.module import Captioner, load_captioner
+from imcap.model.module import Captioner
 from imcap.pipeline.run import load_models
 
 BANNED = (Vocab.pad_id, Vocab.bos_id, Vocab.unk_id)  # never in a caption
@@ -110,11 +112,15 @@ def test_a_joined_model_decodes_only(tmp_path: Path) -> None:
 def test_members_must_share_vocabulary_and_image_transform(tmp_path: Path) -> None:
     a, _ = _pair(tmp_path)
     words = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS[::-1], max_len=8).to_dict()
-    other_vocab = Captioner(words, {"name": "resnet18", "img_size": 96}, {"embed_dim": 8})
+    other_vocab = Captioner(
+        words, {"name": "resnet18", "img_size": 96}, {"embed_dim": 8}, **model_sections()
+    )
     with pytest.raises(UserError, match=r"b\.ckpt: its vocabulary \(14 words\) differs"):
         a.join([other_vocab], ["a.ckpt", "b.ckpt"])
     same = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
-    other_size = Captioner(same, {"name": "resnet18", "img_size": 64}, {"embed_dim": 8})
+    other_size = Captioner(
+        same, {"name": "resnet18", "img_size": 64}, {"embed_dim": 8}, **model_sections()
+    )
     with pytest.raises(
         UserError,
         match=r"c.ckpt reads images with input_size \(3, 64, 64\) where a.ckpt has \(3, 96, 96\)",

@@ -13,12 +13,14 @@ import torch
 from conftest import ROOT, cli
 from PIL import Image
 
+from imcap.config import model_sections
 from imcap.data.images import make_transform
 from imcap.data.synthetic import make_example, render
 from imcap.data.text import Vocab, tokenize
 from imcap.errors import UserError
 from imcap.model.attributes import attribute_words
-from imcap.model.module import Captioner, load_captioner
+from imcap.model.checkpoint import load_captioner
+from imcap.model.module import Captioner
 from imcap.pipeline.export import run_export
 
 ort = pytest.importorskip("onnxruntime", reason="pip install -e .[export] (make install does)")
@@ -29,8 +31,12 @@ ENCODER = "test_efficientnet"  # timm's tiny test net: the EfficientNet blocks a
 DECODERS = {  # decoder type -> tiny decoder config
     "show_tell_lstm": {"rnn": "lstm"},
     "show_tell_gru_2layers": {"rnn": "gru", "num_layers": 2},
-    "sat_gru": {"_target_": "imcap.model.decoder.AttentionDecoder", "rnn": "gru"},
-    "topdown_attributes": {"_target_": "imcap.model.decoder.TopDownDecoder", "attributes": 6},
+    "sat_gru": {"_target_": "imcap.model.decoders.attention.AttentionDecoder", "rnn": "gru"},
+    "topdown_attributes": {
+        "_target_": "imcap.model.decoders.topdown.TopDownDecoder",
+        "attributes": 6,
+    },
+    "aoa_attributes": {"_target_": "imcap.model.decoders.aoa.AoADecoder", "attributes": 6},
 }
 
 
@@ -52,7 +58,7 @@ def tiny_checkpoint(path: Path, decoder: dict) -> Path:
         vocab.to_dict(),
         {"name": ENCODER, "img_size": SIZE, "pretrained": False},
         dec,
-        decoding={"max_len": 12},
+        **model_sections(decoding={"max_len": 12}),
     )
     if model.attributes is not None:
         ids = attribute_words(refs, vocab.index, model.attributes.word_ids.numel())
@@ -202,7 +208,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 
     from imcap.model.export import check_exportable
 
-    with pytest.raises(UserError, match="export supports ShowTellDecoder, AttentionDecoder"):
-        check_exportable(SimpleNamespace(decoder=torch.nn.Linear(2, 2)))  # a custom decoder
+    with pytest.raises(UserError, match="cannot export decoder Linear: it declares exportable = F"):
+        check_exportable(SimpleNamespace(decoder=torch.nn.Linear(2, 2)))  # not a CaptionDecoder
     res = cli("export.py", "ckpt_path=x.ckpt", "format=coreml")  # and through the entry point
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "onnx, torchscript" in res.stderr

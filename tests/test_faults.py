@@ -15,7 +15,7 @@ import torch
 from conftest import cli, cli_popen, png_header, tiny_overrides
 
 from imcap.errors import UserError
-from imcap.model.module import load_captioner
+from imcap.model.checkpoint import load_captioner
 
 
 class _Payload:
@@ -237,12 +237,14 @@ def test_bad_data_values_are_one_line(data: dict, match: str, tmp_path: Path) ->
     ],
 )
 def test_bad_decoding_values_are_one_line(decoding: dict, match: str) -> None:
+    from imcap.config import model_sections
     from imcap.data.text import Vocab
     from imcap.model.module import Captioner
 
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
     with pytest.raises(UserError, match=match):
-        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, decoding=decoding)
+        sections = model_sections(decoding=decoding)
+        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, **sections)
 
 
 def test_zero_epochs_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -260,6 +262,7 @@ def test_zero_epochs_is_refused_before_any_work(tmp_path: Path) -> None:
 def test_image_paths_escaping_the_root_are_refused(name: str, tmp_path: Path) -> None:
     """A Karpathy JSON naming `../x.jpg` or an absolute path would read any file on the machine
     (here: a real JPEG next to the dataset, which would otherwise train silently)."""
+    from conftest import data_source
     from PIL import Image
 
     from imcap.data.datasets import load_records
@@ -277,7 +280,7 @@ def test_image_paths_escaping_the_root_are_refused(name: str, tmp_path: Path) ->
     ]
     (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
     with pytest.raises(UserError, match=r"1 image path\(s\) named in .* point outside"):
-        load_records("flickr8k", root)
+        load_records("flickr8k", root, **data_source("flickr8k"))
 
 
 def test_bad_image_messages_name_the_key_of_the_command_that_runs(tmp_path: Path) -> None:
@@ -313,6 +316,7 @@ def test_unwritable_cache_and_run_dirs_are_one_line(tmp_path: Path) -> None:
 
 
 def test_non_utf8_split_list_names_the_file(tmp_path: Path) -> None:
+    from conftest import data_source
     from PIL import Image
 
     from imcap.data.datasets import load_records
@@ -326,4 +330,4 @@ def test_non_utf8_split_list_names_the_file(tmp_path: Path) -> None:
     (root / "Flickr8k_text" / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
     (root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").write_bytes(b"a.jpg\n\xff\xfe\xfa\n")
     with pytest.raises(UserError, match=r"split list .*Flickr_8k\.trainImages\.txt is not UTF-8"):
-        load_records("flickr8k", root)
+        load_records("flickr8k", root, **data_source("flickr8k"))

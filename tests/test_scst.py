@@ -9,12 +9,15 @@ import pytest
 import torch
 from conftest import LEARN, compose_train, run_dir, tiny_overrides
 
+from imcap.config import model_sections
 from imcap.data.text import Vocab
 from imcap.eval.cider import CiderD
 from imcap.model.batch import Batch
+from imcap.model.checkpoint import load_captioner
 from imcap.model.decoding import sample
 from imcap.model.encoder import Features
-from imcap.model.module import Captioner, load_captioner, scst_advantages, scst_reward
+from imcap.model.module import Captioner
+from imcap.model.scst import scst_advantages, scst_reward
 from imcap.pipeline.datamodule import CaptionDataModule
 from imcap.pipeline.run import plain, train
 
@@ -28,14 +31,15 @@ def train_set_reward(ckpt: str, shared: Path, n: int = 300, samples: int = 5) ->
     dm.setup("fit")
     refs = model.data_link.train_references()
     rows = sorted(refs)[:n]
-    model._cider = scst_reward(refs, eos=True)
+    model.self_critical.cider = scst_reward(refs, eos=True)
     feats = Features(dm.bank["pooled"][rows])
     torch.manual_seed(0)
     with torch.no_grad():
         tokens, _ = sample(
             model.decoder, feats, model.vocab.bos_id, model.vocab.eos_id, 20, samples
         )
-    return float(model._reward(tokens, [r for r in rows for _ in range(samples)]).mean())
+    ids = [r for r in rows for _ in range(samples)]
+    return float(model.self_critical.reward(tokens, ids).mean())
 
 
 def test_short_scst_stage_raises_train_reward(trained: dict, shared: Path) -> None:
@@ -86,7 +90,10 @@ def test_reward_counts_eos() -> None:
     words = ["a", "red", "circle", "two", "blue", "squares", "green", "star", "on", "the", "left"]
     vocab = Vocab(list(Vocab.SPECIALS) + words, max_len=10).to_dict()
     model = Captioner(
-        vocab, {"name": "resnet18"}, {"_target_": "imcap.model.decoder.ShowTellDecoder"}
+        vocab,
+        {"name": "resnet18"},
+        {"_target_": "imcap.model.decoders.show_tell.ShowTellDecoder"},
+        **model_sections(),
     )
     v = model.vocab
     words = ["a", "red", "circle"]
@@ -100,11 +107,12 @@ def test_reward_counts_eos() -> None:
     }
     scores = {}
     for eos in (True, False):
-        model.scst["eos_reward"] = eos
-        model._cider = scst_reward(refs, eos)
+        sc = model.self_critical
+        sc.cfg["eos_reward"] = eos
+        sc.cider = scst_reward(refs, eos)
         for max_len in (3, 10):  # 3: the words fill max_len, so <eos> was forced
-            model.decoding["max_len"] = max_len
-            scores[eos, max_len] = float(model._reward(tokens, [7])[0])
+            sc.max_len = max_len
+            scores[eos, max_len] = float(sc.reward(tokens, [7])[0])
     assert scores[True, 10] > scores[True, 3] + 0.1
     assert scores[False, 10] == pytest.approx(scores[False, 3])
 
@@ -114,7 +122,7 @@ def test_scst_mean_baseline_step_runs_and_uses_advantages(trained: dict) -> None
         trained["ckpt"], scst={"enabled": True, "num_samples": 4, "baseline": "mean"}
     )
     refs = {0: [["a", "red", "circle"]], 1: [["two", "blue", "squares"]]}
-    model._cider = CiderD(refs)
+    model.self_critical.cider = CiderD(refs)
     model.train()
     batch = Batch(rows=torch.tensor([0, 1]), pooled=torch.randn(2, model.encoder.feature_dim))
     model.log = lambda *a, **k: None  # no trainer attached

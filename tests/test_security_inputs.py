@@ -308,7 +308,7 @@ def test_attention_callback_names_hostile_ids_inside_its_folder(
 
     from imcap.data.images import load_image, make_transform
     from imcap.model.batch import Batch
-    from imcap.model.module import load_captioner
+    from imcap.model.checkpoint import load_captioner
     from imcap.pipeline.callbacks import AttentionMaps
 
     model = load_captioner(demo_checkpoint(tmp_path / "demo.ckpt", attention=True))
@@ -353,7 +353,9 @@ def test_a_non_numeric_coco_id_is_left_out_not_a_crash(tmp_path: Path) -> None:
     out like any missing image (it once reached int() and raised ValueError)."""
     import json
 
-    from imcap.data.datasets import _coco_karpathy, _DirIndex
+    from conftest import data_source
+
+    from imcap.data.datasets import load_records
 
     root = tmp_path / "coco"
     (root / "val2014").mkdir(parents=True)
@@ -369,12 +371,9 @@ def test_a_non_numeric_coco_id_is_left_out_not_a_crash(tmp_path: Path) -> None:
     path = root / "dataset_coco.json"
     path.write_text(json.dumps({"images": images}))
 
-    def folder(name: str) -> Path | None:
-        return root / name if (root / name).is_dir() else None
-
-    src = _coco_karpathy(path, "train", folder, _DirIndex())
-    assert src.paths["1"] == root / "val2014" / "COCO_val2014_000000000001.jpg"
-    assert src.paths["../../escape"] == root / "val2014" / "nope.jpg"  # missing: left out later
+    (record,) = load_records("coco", root, **data_source("coco"))  # the other: missing, left out
+    assert record.image_id == "1"
+    assert record.path == root / "val2014" / "COCO_val2014_000000000001.jpg"
 
 
 # -- a learning rate whose update overflows --------------------------------------------------------
@@ -447,7 +446,7 @@ def test_overflow_guard_maps_only_the_update_overflow() -> None:
 
 def test_divergence_message_names_model_optimizer_lr(tmp_path: Path) -> None:
     """The divergence error names the key that exists (it said model.optim.lr)."""
-    from imcap.model.module import load_captioner
+    from imcap.model.checkpoint import load_captioner
 
     model = load_captioner(demo_checkpoint(tmp_path / "demo.ckpt"))
     with pytest.raises(UserError, match=r"Lower model\.optimizer\.lr, keep"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imcap.model.decoder import TopDownDecoder
+from imcap.model.decoders.topdown import TopDownDecoder
 from imcap.model.decoding import beam_search, greedy
 from imcap.model.encoder import Features
 

@@ -13,7 +13,8 @@ import torch
 from conftest import LEARN, cli, compose_train, run_dir, tiny_overrides
 
 from imcap.errors import UserError
-from imcap.model.module import Captioner, load_captioner
+from imcap.model.checkpoint import load_captioner
+from imcap.model.module import Captioner
 from imcap.pipeline.datamodule import CaptionDataModule
 from imcap.pipeline.run import build_model, plain, train
 
@@ -73,7 +74,7 @@ def test_checkpoint_is_self_describing_and_reproduces_captions(trained: dict) ->
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert hp["vocab"]["tokens"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
-    assert hp["decoder"]["_target_"] == "imcap.model.decoder.ShowTellDecoder"
+    assert hp["decoder"]["_target_"] == "imcap.model.decoders.show_tell.ShowTellDecoder"
     # plain Python only: loadable without Hydra/OmegaConf objects
     assert "omegaconf" not in repr(type(hp)) and all(
         "omegaconf" not in repr(type(v)) for v in hp.values()
@@ -347,7 +348,7 @@ def test_tune_stages_refuses_what_it_cannot_split() -> None:
         with pytest.raises(UserError, match="tune_stages must be a whole number >= 0"):
             Encoder("tf_efficientnet_lite0", tune_stages=bad)
     # ...but a checkpoint saved when false was cast to 0 still loads
-    from imcap.model.module import upgrade_hparams
+    from imcap.model.checkpoint import upgrade_hparams
 
     old = {"encoder": {"name": "resnet18", "tune_stages": False}}
     assert upgrade_hparams(old)["encoder"]["tune_stages"] == 0

@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import DEMO_WORDS, SHARED_DATA, cli, needs_java
 
+from imcap.config import model_sections
 from imcap.errors import UserError
 from imcap.model import zoo
-from imcap.model.module import Captioner, load_captioner
+from imcap.model.checkpoint import load_captioner
+from imcap.model.module import Captioner
 
 FLICKR = SHARED_DATA / "flickr8k"
 
@@ -28,8 +30,8 @@ def tuned_lite0(seed: int = 0) -> Captioner:
     vocab = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
     enc = {"name": "tf_efficientnet_lite0", "pretrained": "pypi", "tune_stages": 1, "img_size": 96}
     dec = {"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0, "attributes": 4}
-    dec |= {"_target_": "imcap.model.decoder.TopDownDecoder", "attention_dim": 16}
-    model = Captioner(vocab, enc, dec, data={"name": "synthetic", "root": None})
+    dec |= {"_target_": "imcap.model.decoders.topdown.TopDownDecoder", "attention_dim": 16}
+    model = Captioner(vocab, enc, dec, data={"name": "synthetic", "root": None}, **model_sections())
     model.encoder.load_pretrained()
     with torch.no_grad():  # "training" moved the tuned stage and the head away from ImageNet
         for m in model.encoder.tuned_modules():
@@ -139,9 +141,12 @@ NOUNS = re.compile(r"[a-z]+")
 def test_shipped_model_describes_a_real_val_photo():
     """A real Flickr8k val photo (never trained on): the caption names something the human
     references name (a noun of theirs, not only 'a' or 'the')."""
+    from conftest import data_source
+
     from imcap.data.datasets import load_records
 
-    val = [r for r in load_records("flickr8k", str(FLICKR)) if r.split == "val"]
+    records = load_records("flickr8k", str(FLICKR), **data_source("flickr8k"))
+    val = [r for r in records if r.split == "val"]
     model = load_captioner(zoo.DEFAULT_MODEL)
     stop = {"a", "an", "the", "is", "are", "in", "on", "of", "with", "and", "at", "to", "its"}
     hits = 0

@@ -9,6 +9,8 @@ any directory.
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 import sys
@@ -73,6 +75,56 @@ def checked(where: str, given: Mapping[str, Any] | None, defaults: Mapping[str, 
         if isinstance(default, Mapping) and default and isinstance(given.get(key), Mapping):
             out[key] = checked(f"{where}.{key}", given[key], default)
     return out
+
+
+def complete(where: str, given: Mapping[str, Any] | None, keys: Sequence[str]) -> dict:
+    """A config section that must be given whole (its values live once, in conf/): an unknown
+    or a missing key is a UserError naming it."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise UserError(
+            f"unknown config key {', '.join(f'{where}.{k}' for k in unknown)}; valid keys under "
+            f"{where}: {', '.join(keys)}"
+        )
+    missing = [k for k in keys if k not in given]
+    if missing:
+        raise UserError(
+            f"{where} lacks {', '.join(f'{where}.{k}' for k in missing)}: give the whole section "
+            "(imcap.config.model_sections() composes conf/model/default.yaml's)"
+        )
+    return given
+
+
+MODEL_SECTIONS = ("optimizer", "scheduler", "encoder_lr", "loss", "decoding", "scst")
+
+
+def model_sections(overrides: Sequence[str] = (), **given: Any) -> dict[str, Any]:
+    """Captioner's keyword arguments for code that builds a model without a run (a notebook, a
+    test): conf/model/default.yaml composed as train.py would with `overrides`, and `given`
+    (partial sections) on top. An optimizer/scheduler naming another `_target_` replaces the
+    default's arguments instead of joining them."""
+    out = copy.deepcopy(_model_defaults(tuple(overrides)))
+    for k, v in given.items():
+        if k not in out:
+            raise UserError(f"unknown model section {k!r}; the sections: {', '.join(out)}")
+        base = out[k]
+        if isinstance(v, Mapping) and isinstance(base, Mapping):
+            if "_target_" in base and v.get("_target_", base["_target_"]) != base["_target_"]:
+                out[k] = {"_partial_": True, **v}
+            else:
+                out[k] = checked(f"model.{k}", v, base)
+        else:
+            out[k] = v
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _model_defaults(overrides: tuple[str, ...]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(_compose("train", list(overrides)).model, resolve=True)
+    return {k: cfg[k] for k in MODEL_SECTIONS}
 
 
 # -- start-up check of the command line ---------------------------------------------------------

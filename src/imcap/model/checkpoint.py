@@ -1,4 +1,6 @@
-"""A checkpoint is data all the way down: what its hyperparameters may name.
+"""Checkpoints: read as data, upgraded from older layouts, checked, loaded into a Captioner.
+
+A checkpoint is data all the way down: what its hyperparameters may name.
 
 `torch.load(weights_only=True)` stops pickled code, but a checkpoint's hyperparameters are
 strings that the loader turns into behaviour: the decoder class, the data loader, the
@@ -11,18 +13,29 @@ checkpoint do so.
 
 from __future__ import annotations
 
+import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from imcap.errors import UserError
 
+if TYPE_CHECKING:
+    from imcap.model.module import Captioner
+
+log = logging.getLogger(__name__)
+
 # -- registries: every callable a checkpoint may name ---------------------------------------------
 DECODERS: set[str] = {
-    "imcap.model.decoder.ShowTellDecoder",
-    "imcap.model.decoder.AttentionDecoder",
-    "imcap.model.decoder.TopDownDecoder",
+    "imcap.model.decoders.show_tell.ShowTellDecoder",
+    "imcap.model.decoders.attention.AttentionDecoder",
+    "imcap.model.decoders.topdown.TopDownDecoder",
+    "imcap.model.decoders.aoa.AoADecoder",
 }
+DEFAULT_DECODER = "imcap.model.decoders.show_tell.ShowTellDecoder"  # a decoder without _target_
 DATA_LOADERS: set[str] = {
     "imcap.data.datasets.load_records",
     "imcap.data.synthetic.load_synthetic",
@@ -78,7 +91,7 @@ def check_hparams(hp: Mapping[str, Any], p: Path | str) -> None:
     dec = hp.get("decoder")
     if not isinstance(dec, Mapping):
         refuse("decoder is not a mapping")
-    target = dec.get("_target_", "imcap.model.decoder.ShowTellDecoder")
+    target = dec.get("_target_", DEFAULT_DECODER)
     if target not in DECODERS:
         refuse(f"decoder._target_ {target!r} is not one of imcap's decoders {sorted(DECODERS)}")
     for k, v in dec.items():
@@ -165,3 +178,171 @@ def _timm_name(name: str) -> bool:
     import timm
 
     return ":" not in name and "/" not in name and bool(timm.is_model(name))
+
+
+# -- reading, upgrading and loading ---------------------------------------------------------------
+_MOVED = {  # class paths of imcap 0.1 checkpoints -> where the classes live now
+    "imcap.decoder.": "imcap.model.decoder.",
+    "imcap.datasets.": "imcap.data.datasets.",
+    "imcap.synthetic.": "imcap.data.synthetic.",
+}
+_MOVED_CLASSES = {  # imcap.model.decoder (one module) -> imcap.model.decoders (one per family)
+    f"imcap.model.decoder.{path.rsplit('.', 1)[1]}": path
+    for path in (
+        "imcap.model.decoders.show_tell.ShowTellDecoder",
+        "imcap.model.decoders.attention.AttentionDecoder",
+        "imcap.model.decoders.topdown.TopDownDecoder",
+    )
+}
+
+
+# Keys added to the model's sections after checkpoints were first written, with the value that
+# reproduces how those checkpoints were trained and decode (not today's defaults: a default that
+# changes in conf/ must not change what an old checkpoint does).
+LEGACY: dict[str, dict[str, Any]] = {  # imcap 0.1's values, then each key as it was added
+    "loss": {
+        "label_smoothing": 0.0,
+        "attention_reg": 1.0,
+        "ss_prob": 0.0,
+        "ss_ramp_epochs": 0,
+        "attributes": 1.0,
+    },
+    "decoding": {"beam_size": 1, "max_len": 20, "length_penalty": 0.0, "no_repeat_ngram_size": 0},
+    "scst": {
+        "enabled": False,
+        "num_samples": 5,
+        "baseline": "greedy",
+        "temperature": 1.0,
+        "eos_reward": False,
+    },
+}
+LEGACY_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
+LEGACY_SCHEDULER = {"_target_": "imcap.model.schedules.warmup_cosine", "_partial_": True}
+LEGACY_ENCODER_LR = 1.0e-5
+
+
+def upgrade_hparams(hp: dict) -> dict:
+    """Hyperparameters of a checkpoint written before the package layout and the optimizer
+    config changed, in today's form (so older checkpoints keep loading)."""
+    hp = dict(hp)
+
+    def moved(path: Any) -> Any:
+        for old, new in _MOVED.items():
+            if isinstance(path, str) and path.startswith(old):
+                path = new + path[len(old) :]
+        return _MOVED_CLASSES.get(path, path)
+
+    for section, keys in LEGACY.items():  # keys added since: the values that behave as before
+        if isinstance(hp.get(section), dict):
+            hp[section] = {**keys, **hp[section]}
+    if isinstance(hp.get("decoder"), dict) and "_target_" in hp["decoder"]:
+        hp["decoder"] = {**hp["decoder"], "_target_": moved(hp["decoder"]["_target_"])}
+    if isinstance(hp.get("encoder"), dict) and hp["encoder"].get("tune_stages") is False:
+        hp["encoder"] = {**hp["encoder"], "tune_stages": 0}  # once cast, now refused when given
+    if isinstance(hp.get("data"), dict) and "loader" in hp["data"]:
+        hp["data"] = {**hp["data"], "loader": moved(hp["data"]["loader"])}
+    optim = hp.pop("optim", None)
+    if isinstance(optim, dict):  # {lr, weight_decay, encoder_lr, scheduler, warmup_steps}
+        hp["optimizer"] = {
+            **LEGACY_OPTIMIZER,
+            "lr": optim.get("lr"),
+            "weight_decay": optim.get("weight_decay", 0.0),
+        }
+        hp["encoder_lr"] = optim.get("encoder_lr", LEGACY_ENCODER_LR)
+        cosine = optim.get("scheduler", "cosine") == "cosine"
+        warmup = optim.get("warmup_steps", 0)
+        hp["scheduler"] = {**LEGACY_SCHEDULER, "warmup_steps": warmup} if cosine else None
+    for section in ("scst",):  # sections older checkpoints lack: what they did (no SCST)
+        hp.setdefault(section, dict(LEGACY[section]))
+    return hp
+
+
+def read_checkpoint(p: Path, trust: bool = False) -> dict:
+    """A checkpoint as data: `weights_only=True` unpickles tensors and plain containers only,
+    so a file carrying code (a pickled callable) is refused instead of run.
+
+    `trust=True` (trust_checkpoint=true) unpickles everything: only for a file from a source
+    you trust that an older tool wrote with other objects inside."""
+    if trust:
+        log.warning("trust_checkpoint=true: %s is unpickled in full (it can run code)", p)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"refusing to load {p}: it holds objects other than tensors and plain values, which "
+            f"could run code when unpickled ({first[:160]}). imcap checkpoints never do; "
+            "use a checkpoint written by imcap's train.py, or, only for a file from a source you "
+            "trust, trust_checkpoint=true"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated, empty or not a checkpoint at all
+        raise UserError(f"cannot read checkpoint {p}: {str(e)[:200]}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{p} is not an imcap checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def load_captioner(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    trust: bool = False,
+    **overrides: Any,
+) -> Captioner:
+    """Load a checkpoint, or a shipped model by name (imcap.model.zoo), with errors a user can
+    act on (as data unless `trust`)."""
+    from imcap.model import zoo
+
+    p = zoo.resolve(path)
+    if not p.is_file():
+        names = ", ".join(zoo.index()) or "none"
+        raise UserError(
+            f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> or a "
+            f"shipped model name ({names}; `imcap models` lists them)"
+        )
+    return captioner_from(read_checkpoint(p, trust), p, map_location, trust=trust, **overrides)
+
+
+def captioner_from(
+    ckpt: dict,
+    p: Path,
+    map_location: str | torch.device = "cpu",
+    trust: bool = False,
+    **overrides: Any,
+) -> Captioner:
+    """The model inside a checkpoint already read (`read_checkpoint`), so a caller that also
+    wants its other entries (epoch, callback state: the demo's model card) reads it once.
+    A packed checkpoint (a shipped model) gets its frozen weights from their declared source.
+    Unless `trust`, every component the hyperparameters name must be imcap's own
+    (imcap.model.checkpoint): a checkpoint is data, it never picks the code that runs."""
+    from imcap.model import zoo
+
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "vocab" not in hp:
+        raise UserError(
+            f"{p} is not an imcap checkpoint (no vocabulary inside); train one with src/train.py"
+        )
+    hp = upgrade_hparams(hp)
+    if not trust:
+        check_hparams(hp, p)
+    hp = {  # a section given in part changes only those keys of the checkpoint's
+        **hp,
+        **{
+            k: {**hp[k], **v} if isinstance(v, Mapping) and isinstance(hp.get(k), Mapping) else v
+            for k, v in overrides.items()
+        },
+    }
+    # the weights come from the checkpoint; encoder.pretrained stays as the record of where they
+    # came from before training (the Encoder loads nothing unless load_pretrained() is called)
+    from imcap.model.module import Captioner
+
+    model = Captioner(**hp)
+    try:
+        if ckpt.get(zoo.PACKED):
+            zoo.fill_provided(model, ckpt, p)
+        else:
+            model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(
+            f"checkpoint {p} does not match its own hyperparameters: {str(e)[:300]}"
+        ) from None
+    return model.to(map_location).eval()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from imcap.model.decoder import CaptionDecoder
+from imcap.model.decoders.base import CaptionDecoder
 from imcap.model.encoder import Features
 
 PAD, UNK = 0, 3  # imcap.data.text.Vocab's fixed ids

@@ -11,12 +11,15 @@ Members must share the vocabulary (one word list to pick from) and, when they re
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from imcap.model.decoder import CaptionDecoder
+from imcap.errors import UserError
+from imcap.model.decoders.base import CaptionDecoder
 from imcap.model.decoding import word_log_probs
 from imcap.model.encoder import Features
 
@@ -62,3 +65,31 @@ class EnsembleDecoder(nn.Module):
 
     def reorder_state(self, state: State, index: torch.Tensor) -> State:
         return tuple(d.reorder_state(s, index) for d, s in zip(self.members, state, strict=True))
+
+
+def check_members(lead: Any, others: Sequence[Any], names: Sequence[str] = ()) -> None:
+    """Members decode together only if they pick words from one list and, reading raw images,
+    see them through one transform; otherwise a UserError naming the member and the fix."""
+    from imcap.data.images import TRANSFORM_KEYS
+
+    names = list(names) or [f"member {i + 1}" for i in range(len(others) + 1)]
+    for other, name in zip(others, names[1:], strict=True):
+        if list(other.vocab.tokens) != list(lead.vocab.tokens):
+            raise UserError(
+                f"{name}: its vocabulary ({len(other.vocab)} words) differs from that of "
+                f"{names[0]} ({len(lead.vocab)} words); an ensemble picks words from one "
+                "list, so its members must be trained on the same captions with the same "
+                "data.vocab settings"
+            )
+        a_cfg, b_cfg = lead.encoder.data_config, other.encoder.data_config
+        differ = {
+            k: (a_cfg.get(k), b_cfg.get(k)) for k in TRANSFORM_KEYS if a_cfg.get(k) != b_cfg.get(k)
+        }
+        if differ:
+            said = "; ".join(
+                f"{k} {b!r} where {names[0]} has {a!r}" for k, (a, b) in differ.items()
+            )
+            raise UserError(
+                f"{name} reads images with {said}: members of an ensemble share one image "
+                "transform (encoder input size, resizing and normalisation)"
+            )

@@ -27,14 +27,12 @@ from torch import nn
 
 from imcap import __version__
 from imcap.errors import UserError
-from imcap.model.decoder import AttentionDecoder, ShowTellDecoder, TopDownDecoder
 from imcap.model.decoding import greedy, word_log_probs
 from imcap.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-SUPPORTED = (ShowTellDecoder, AttentionDecoder, TopDownDecoder)
 SIDECAR = "captioner.json"
 FILES = {
     "torchscript": {"model": "captioner.pt"},
@@ -131,11 +129,13 @@ class GreedyCaptioner(nn.Module):
 
 
 def check_exportable(model: Any) -> None:
-    if not isinstance(model.decoder, SUPPORTED):
-        names = ", ".join(c.__name__ for c in SUPPORTED)
+    """The decoder says whether its init_state/step trace (CaptionDecoder.exportable): any
+    decoder keeping the contract (a tuple of batch-first tensors as state) exports unchanged."""
+    dec = model.decoder
+    if not getattr(dec, "exportable", False) or not callable(getattr(dec, "step", None)):
         raise UserError(
-            f"cannot export decoder {type(model.decoder).__name__}: export supports {names} "
-            "(decoder=lstm, gru, lstm_attention, gru_attention, topdown)"
+            f"cannot export decoder {type(dec).__name__}: it declares exportable = False (its "
+            "step does not trace to a graph); caption with the checkpoint itself instead"
         )
 
 

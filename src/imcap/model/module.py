@@ -7,10 +7,8 @@ no Hydra config and produces the same captions.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import pickle
 import pydoc
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,29 +17,36 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
-from imcap.config import checked, conf_defaults
+from imcap.config import complete
 from imcap.data.text import Vocab
 from imcap.errors import UserError
+from imcap.eval.evaluator import Evaluator, gather_predictions
+from imcap.model import ensemble, optim
 from imcap.model.attributes import AttributeDetector, attribute_targets, attribute_words
 from imcap.model.batch import Batch, DataLink
-from imcap.model.decoder import CaptionDecoder
-from imcap.model.decoding import Decoded, beam_search, greedy, sample
+from imcap.model.checkpoint import DEFAULT_DECODER, load_captioner  # load_captioner: public here
+from imcap.model.decoders.base import CaptionDecoder
+from imcap.model.decoding import Decoded, beam_search, greedy
 from imcap.model.encoder import Encoder, Features
 from imcap.model.ensemble import EnsembleDecoder, EnsembleFeatures
+from imcap.model.scst import SelfCritical
 
 log = logging.getLogger(__name__)
 
-FROM_CONF: Any = "conf/model/default.yaml"  # an argument not given: the config's default
-EOS_WORD = "<eos>"  # the end of a caption as a word of the CIDEr-D reward (scst.eos_reward)
-SCST_BASELINES = ("greedy", "mean")
+# the keys of each section of conf/model/default.yaml (the one home of their values): a
+# section must be given whole (imcap.config.model_sections() composes them without a run)
+SECTIONS = {
+    "loss": ("label_smoothing", "attention_reg", "ss_prob", "ss_ramp_epochs", "attributes"),
+    "decoding": ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size"),
+    "scst": ("enabled", "num_samples", "baseline", "temperature", "eos_reward"),
+}
 
 
 def build_decoder(spec: dict[str, Any], vocab_size: int, encoder: Encoder) -> CaptionDecoder:
     """Instantiate the decoder class named by `spec["_target_"]` with the rest as arguments."""
     spec = dict(spec)
-    target = spec.pop("_target_", "imcap.model.decoder.ShowTellDecoder")
+    target = spec.pop("_target_", DEFAULT_DECODER)
     cls = pydoc.locate(target)
     if not (isinstance(cls, type) and issubclass(cls, CaptionDecoder)):
         raise UserError(f"decoder._target_ '{target}' is not an importable CaptionDecoder subclass")
@@ -53,44 +58,42 @@ def build_decoder(spec: dict[str, Any], vocab_size: int, encoder: Encoder) -> Ca
 
 
 class Captioner(L.LightningModule):
+    """Encoder -> (attribute detector) -> decoder, with the Lightning hooks of training by
+    cross-entropy or self-critical sequence training and of scoring free-running captions."""
+
     def __init__(
         self,
         vocab: dict,
         encoder: dict,
         decoder: dict,
-        optimizer: dict | None = None,
-        scheduler: dict | None = FROM_CONF,
-        encoder_lr: float | None = None,
-        loss: dict | None = None,
-        decoding: dict | None = None,
-        scst: dict | None = None,
+        optimizer: dict,
+        scheduler: dict | None,
+        encoder_lr: float,
+        loss: dict,
+        decoding: dict,
+        scst: dict,
         data: dict | None = None,
     ) -> None:
-        """Plain dicts, saved in the checkpoint with every default filled in from
-        conf/model/default.yaml (a section given in part keeps the rest of the defaults; an
-        unknown key is an error). `scheduler=None` means a constant learning rate. `data` only
-        records which dataset trained the model, so eval.py can default to it."""
+        """Plain dicts (conf/model/default.yaml's sections, whole), saved in the checkpoint.
+        `scheduler=None` means a constant learning rate. `data` only records which dataset
+        trained the model, so eval.py can default to it."""
         super().__init__()
-        conf = conf_defaults("model/default")
         hp = {
             "vocab": vocab,
             "encoder": encoder,
             "decoder": decoder,
-            "optimizer": _partial_spec(optimizer, conf["optimizer"]),
-            "scheduler": None
-            if scheduler is None
-            else _partial_spec(None if scheduler is FROM_CONF else scheduler, conf["scheduler"]),
-            "encoder_lr": float(conf["encoder_lr"] if encoder_lr is None else encoder_lr),
-            "loss": checked("model.loss", loss, conf["loss"]),
-            "decoding": checked("model.decoding", decoding, conf["decoding"]),
-            "scst": checked("model.scst", scst, conf["scst"]),
+            "optimizer": dict(optimizer),
+            "scheduler": None if scheduler is None else dict(scheduler),
+            "encoder_lr": float(encoder_lr),
+            **{k: complete(f"model.{k}", v, SECTIONS[k]) for k, v in
+               (("loss", loss), ("decoding", decoding), ("scst", scst))},
             "data": data,
-        }
+        }  # fmt: skip
         self.save_hyperparameters(hp)
         self.vocab = Vocab.from_dict(vocab)
         self.encoder = Encoder(**encoder)
         self.decoder = build_decoder(decoder, len(self.vocab), self.encoder)
-        n_attrs = int(decoder.get("attributes") or 0)
+        n_attrs = int(decoder.get("attributes") or 0)  # the detector reads the pooled vector
         self.attributes = (
             AttributeDetector(self.encoder.feature_dim, n_attrs) if n_attrs > 0 else None
         )
@@ -98,21 +101,21 @@ class Captioner(L.LightningModule):
         self._attr_logits: torch.Tensor | None = None  # (B, K) of the last batch, for the loss
         self.loss_cfg, self.decoding, self.scst = hp["loss"], hp["decoding"], hp["scst"]
         check_decoding(self.decoding)
-        if self.scst["baseline"] not in SCST_BASELINES:
-            raise UserError(
-                f"model.scst.baseline must be one of {SCST_BASELINES}, got {self.scst['baseline']!r}"
-            )
+        self.self_critical = SelfCritical(self.scst, self.vocab, int(self.decoding["max_len"]))
         self.data_link: DataLink | None = None  # handed over by the data module's setup
-        self._cider = None  # in-process CIDEr-D reward (SCST), built from the training references
-        self.metrics_cfg: dict[str, Any] = {
-            "java": True,
-            "meteor": True,
-            "meteor_every_epoch": False,
-        }
+        self.evaluator = Evaluator()
         self._preds: list[tuple[str, str]] = []
         self.predictions: dict[str, dict[str, str]] = {}  # split -> image_id -> caption
         self.scores: dict[str, dict[str, float]] = {}  # split -> metric -> value
-        self._scorer = None
+
+    @property
+    def metrics_cfg(self) -> dict[str, Any]:
+        """The `metrics` config section the evaluator scores with."""
+        return self.evaluator.cfg
+
+    @metrics_cfg.setter
+    def metrics_cfg(self, cfg: dict[str, Any]) -> None:
+        self.evaluator.configure(cfg)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -140,30 +143,7 @@ class Captioner(L.LightningModule):
         distributions (imcap.model.ensemble). This model's decoding settings apply.
 
         For decoding only (eval.py, caption.py): a joined model is not saved or trained."""
-        from imcap.data.images import TRANSFORM_KEYS
-
-        names = list(names) or [f"member {i + 1}" for i in range(len(others) + 1)]
-        for other, name in zip(others, names[1:], strict=True):
-            if list(other.vocab.tokens) != list(self.vocab.tokens):
-                raise UserError(
-                    f"{name}: its vocabulary ({len(other.vocab)} words) differs from that of "
-                    f"{names[0]} ({len(self.vocab)} words); an ensemble picks words from one "
-                    "list, so its members must be trained on the same captions with the same "
-                    "data.vocab settings"
-                )
-            differ = {
-                k: (self.encoder.data_config.get(k), other.encoder.data_config.get(k))
-                for k in TRANSFORM_KEYS
-                if self.encoder.data_config.get(k) != other.encoder.data_config.get(k)
-            }
-            if differ:
-                said = "; ".join(
-                    f"{k} {b!r} where {names[0]} has {a!r}" for k, (a, b) in differ.items()
-                )
-                raise UserError(
-                    f"{name} reads images with {said}: members of an ensemble share one image "
-                    "transform (encoder input size, resizing and normalisation)"
-                )
+        ensemble.check_members(self, others, names)
         self.partners = torch.nn.ModuleList(o.to(self.device).eval() for o in others)
 
     def members(self) -> list[Captioner]:
@@ -352,51 +332,21 @@ class Captioner(L.LightningModule):
                 "trainer.precision=32-true"
             )
 
-    # -- self-critical sequence training (Rennie et al. 2017) ----------------------------------
+    # -- self-critical sequence training (imcap.model.scst) -------------------------------------
     def on_fit_start(self) -> None:
         if self.attributes is not None:
             self.setup_attributes(self._link().train_references())
-        if self.scst["enabled"] and self._cider is None:
-            self._cider = scst_reward(self._link().train_references(), self.scst["eos_reward"])
+        if self.scst["enabled"]:
+            self.self_critical.prepare(self._link().train_references())
 
     def scst_step(self, batch: Batch) -> torch.Tensor:
-        """REINFORCE with CIDEr-D as the reward and a baseline: the model's own greedy caption
-        (self-critical) or the mean reward of the other samples of the same image."""
-        feats = self.features(batch)
-        rows = batch.rows  # (B,) image rows: keys of the training references
-        B, K, v = rows.size(0), int(self.scst["num_samples"]), self.vocab
-        max_len = int(self.decoding["max_len"])
-        tokens, logp = sample(
-            self.decoder, feats, v.bos_id, v.eos_id, max_len, K, float(self.scst["temperature"])
-        )
-        ids = rows.repeat_interleave(K).tolist()
-        reward = self._reward(tokens, ids)  # (B*K,)
-        greedy_reward = None
-        if self.scst["baseline"] == "greedy":
-            self.decoder.eval()
-            with torch.no_grad():
-                g = greedy(self.decoder, feats, v.bos_id, v.eos_id, max_len).tokens
-            self.decoder.train()
-            greedy_reward = self._reward(g, rows.tolist())  # (B,)
-        advantage, base = scst_advantages(reward.view(B, K), greedy_reward)  # (B*K,) each
-        mask = (tokens != v.pad_id).float()  # (B*K, T): words and <eos>
-        loss = -(advantage.unsqueeze(1) * logp * mask).sum() / mask.sum()
+        loss, logs = self.self_critical.loss(self.decoder, self.features(batch), batch.rows)
         self._check_finite(loss)
+        B = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
-        self.log("train/reward", reward.mean(), prog_bar=True, batch_size=B)
-        self.log("train/baseline", base.mean(), batch_size=B)
+        self.log("train/reward", logs["reward"], prog_bar=True, batch_size=B)
+        self.log("train/baseline", logs["baseline"], batch_size=B)
         return loss
-
-    def _reward(self, tokens: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        """CIDEr-D of each caption. With `eos_reward` a caption that ended by choosing <eos>
-        (not cut at max_len) carries it as a last word, and so do the references: n-grams such
-        as "the grass <eos>" reward proper endings and punish captions that stop mid-phrase
-        ("a dog runs on the <eos>"), as in Rennie et al.'s and Luo's implementations."""
-        max_len = int(self.decoding["max_len"])
-        words = [self.vocab.decode(t).split() for t in tokens.tolist()]
-        if self.scst["eos_reward"]:
-            words = [w + [EOS_WORD] if len(w) < max_len else w for w in words]
-        return torch.as_tensor(self._cider(words, ids), dtype=torch.float32, device=tokens.device)
 
     def on_train_epoch_end(self) -> None:
         """Unreadable images skipped so far. `extraction` is the shared feature cache's count,
@@ -442,24 +392,11 @@ class Captioner(L.LightningModule):
         """Gather every rank's captions, de-duplicate by image id, score once, share the result."""
         gathered = gather_predictions(self.trainer.strategy, self._preds)
         preds = dict(gathered)  # a DistributedSampler pads by repeating images: keep each once
-        if self.trainer.is_global_zero:
-            log.info("%s: gathered %d captions for %d images", split, len(gathered), len(preds))
         scores: dict[str, float] | None = None
         if self.trainer.is_global_zero:
-            refs = self._link().references(split)
-            missing = set(refs) - set(preds)
-            if missing:
-                log.warning(
-                    "%d %s images have no caption (bad images?); scoring the rest",
-                    len(missing),
-                    split,
-                )
-                refs = {k: v for k, v in refs.items() if k in preds}
+            log.info("%s: gathered %d captions for %d images", split, len(gathered), len(preds))
             final = self.trainer.state.fn != "fit"  # validate/test after training, eval.py
-            scores = self.scorer(meteor=final or self.metrics_cfg.get("meteor_every_epoch", False))(
-                preds, refs
-            )
-            scores["num_images"] = float(len(preds))
+            scores = self.evaluator.score(preds, self._link().references(split), split, final)
         scores = self.trainer.strategy.broadcast(scores, src=0)
         self.predictions[split] = preds
         self.scores[split] = scores
@@ -472,44 +409,18 @@ class Captioner(L.LightningModule):
             )
 
     def teardown(self, stage: str) -> None:
-        if self._scorer is not None:
-            self._scorer.close()  # stop the METEOR JVM
-            self._scorer = None
+        self.evaluator.close()  # stop the METEOR JVM
 
-    def scorer(self, meteor: bool = True):
-        """The COCO toolkit scorer; METEOR (a JVM that takes ~15 s to start) only when asked."""
-        from imcap.eval.metrics import CaptionScorer
-
-        meteor = meteor and self.metrics_cfg["meteor"]
-        if self._scorer is None or (meteor and "METEOR" not in self._scorer.metrics):
-            if self._scorer is not None:
-                self._scorer.close()
-            if meteor:  # say what the pause is: the JVM loads a 60 MB paraphrase table
-                log.info("scoring with METEOR: starting its Java VM (~15-20 s the first time)")
-            self._scorer = CaptionScorer(java=self.metrics_cfg["java"], meteor=meteor)
-        return self._scorer
-
-    # -- optimisation -------------------------------------------------------------------------
+    # -- optimisation (imcap.model.optim) ------------------------------------------------------
     def configure_optimizers(self):
-        """model.optimizer (a partial) over the decoder and attribute parameters, plus the
-        encoder's at model.encoder_lr when it trains; model.scheduler stepped every step."""
         heads = [*self.decoder.parameters()]
         if self.attributes is not None:
             heads += [*self.attributes.parameters()]
-        groups = [{"params": [p for p in heads if p.requires_grad]}]
-        enc = [p for p in self.encoder.parameters() if p.requires_grad]
-        if enc:
-            groups.append({"params": enc, "lr": self.hparams.encoder_lr})
-        opt = _build("model.optimizer", self.hparams.optimizer, groups)
-        spec = self.hparams.scheduler
-        if not spec:
-            return opt
 
         def total() -> int:  # Lightning's estimate needs the data: asked only when wanted
             return max(1, int(self.trainer.estimated_stepping_batches))
 
-        sched = _build("model.scheduler", spec, opt, total_steps=total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optim.configure(heads, [*self.encoder.parameters()], self.hparams, total)
 
 
 def check_decoding(d: dict) -> None:
@@ -523,189 +434,3 @@ def check_decoding(d: dict) -> None:
         raise UserError(f"model.decoding.no_repeat_ngram_size must be 0 (off) or >= 1, got {n!r}")
     if not isinstance(d["length_penalty"], int | float) or d["length_penalty"] < 0:
         raise UserError(f"model.decoding.length_penalty must be >= 0, got {d['length_penalty']!r}")
-
-
-def _partial_spec(given: dict | None, default: dict) -> dict:
-    """A Hydra partial (optimizer, scheduler): the default's arguments under the given ones
-    when the target is the same, the given spec alone when it names another class."""
-    given = dict(given or {})
-    if given.get("_target_", default["_target_"]) != default["_target_"]:
-        return {"_partial_": True, **given}
-    return {**default, **given}
-
-
-def _build(where: str, spec: dict, *args: Any, **maybe: Any) -> Any:
-    """Instantiate a partial spec and call it with `args` and those of the `maybe` keywords it
-    takes (values are thunks, evaluated only then: a StepLR never needs `total_steps`); a bad
-    argument is one line naming the config key."""
-
-    def config_error(e: Exception) -> UserError:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        return UserError(f"{where} ({spec.get('_target_')}): {first}")
-
-    try:
-        factory = instantiate(dict(spec))
-        params = inspect.signature(factory.func if hasattr(factory, "func") else factory).parameters
-    except Exception as e:  # noqa: BLE001 - an unknown class or a bad spec
-        raise config_error(e) from None
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    extra = {k: thunk() for k, thunk in maybe.items() if takes_any or k in params}
-    try:
-        return factory(*args, **extra)
-    except (TypeError, ValueError) as e:  # an argument the class does not take, a bad value
-        raise config_error(e) from None
-
-
-def scst_advantages(
-    reward: torch.Tensor, greedy_reward: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages of K samples per image, reward (B, K) -> (B*K,), and the baseline used.
-
-    With the greedy caption's reward (B,): self-critical (Rennie et al. 2017). Without: the mean
-    reward of the *other* K-1 samples of the same image (Luo 2020), so each image's advantages
-    sum to zero and no extra decoding pass is needed.
-    """
-    B, K = reward.shape
-    if greedy_reward is not None:
-        base = greedy_reward.unsqueeze(1).expand(B, K)  # (B, K)
-    else:
-        base = (reward.sum(1, keepdim=True) - reward) / max(K - 1, 1)  # (B, K) leave-one-out
-    return (reward - base).reshape(-1), base.reshape(-1)
-
-
-def scst_reward(refs: dict[int, list[list[str]]], eos: bool):
-    """The in-process CIDEr-D reward over the training references (with <eos> as a word)."""
-    from imcap.eval.cider import CiderD
-
-    if eos:
-        refs = {k: [[*r, EOS_WORD] for r in caps] for k, caps in refs.items()}
-    return CiderD(refs)
-
-
-def gather_predictions(strategy: Any, local: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """All ranks' (image_id, caption) pairs, duplicates included (the caller keys by image id)."""
-    world = getattr(strategy, "world_size", 1)
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts: list[Any] = [None] * world
-        torch.distributed.all_gather_object(parts, list(local))
-        merged = [p for part in parts for p in part]
-    else:
-        merged = list(local)
-    return merged
-
-
-_MOVED = {  # class paths of imcap 0.1 checkpoints -> where the classes live now
-    "imcap.decoder.": "imcap.model.decoder.",
-    "imcap.datasets.": "imcap.data.datasets.",
-    "imcap.synthetic.": "imcap.data.synthetic.",
-}
-
-
-def upgrade_hparams(hp: dict) -> dict:
-    """Hyperparameters of a checkpoint written before the package layout and the optimizer
-    config changed, in today's form (so older checkpoints keep loading)."""
-    hp = dict(hp)
-
-    def moved(path: Any) -> Any:
-        for old, new in _MOVED.items():
-            if isinstance(path, str) and path.startswith(old):
-                return new + path[len(old) :]
-        return path
-
-    if isinstance(hp.get("decoder"), dict) and "_target_" in hp["decoder"]:
-        hp["decoder"] = {**hp["decoder"], "_target_": moved(hp["decoder"]["_target_"])}
-    if isinstance(hp.get("encoder"), dict) and hp["encoder"].get("tune_stages") is False:
-        hp["encoder"] = {**hp["encoder"], "tune_stages": 0}  # once cast, now refused when given
-    if isinstance(hp.get("data"), dict) and "loader" in hp["data"]:
-        hp["data"] = {**hp["data"], "loader": moved(hp["data"]["loader"])}
-    optim = hp.pop("optim", None)
-    if isinstance(optim, dict):  # {lr, weight_decay, encoder_lr, scheduler, warmup_steps}
-        hp["optimizer"] = {"lr": optim.get("lr"), "weight_decay": optim.get("weight_decay", 0.0)}
-        hp["encoder_lr"] = optim.get("encoder_lr")
-        cosine = optim.get("scheduler", "cosine") == "cosine"
-        hp["scheduler"] = {"warmup_steps": optim.get("warmup_steps", 0)} if cosine else None
-    return hp
-
-
-def read_checkpoint(p: Path, trust: bool = False) -> dict:
-    """A checkpoint as data: `weights_only=True` unpickles tensors and plain containers only,
-    so a file carrying code (a pickled callable) is refused instead of run.
-
-    `trust=True` (trust_checkpoint=true) unpickles everything: only for a file from a source
-    you trust that an older tool wrote with other objects inside."""
-    if trust:
-        log.warning("trust_checkpoint=true: %s is unpickled in full (it can run code)", p)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"refusing to load {p}: it holds objects other than tensors and plain values, which "
-            f"could run code when unpickled ({first[:160]}). imcap checkpoints never do; "
-            "use a checkpoint written by imcap's train.py, or, only for a file from a source you "
-            "trust, trust_checkpoint=true"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - truncated, empty or not a checkpoint at all
-        raise UserError(f"cannot read checkpoint {p}: {str(e)[:200]}") from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{p} is not an imcap checkpoint (a {type(ckpt).__name__}, not a dict)")
-    return ckpt
-
-
-def load_captioner(
-    path: str | Path,
-    map_location: str | torch.device = "cpu",
-    trust: bool = False,
-    **overrides: Any,
-) -> Captioner:
-    """Load a checkpoint, or a shipped model by name (imcap.model.zoo), with errors a user can
-    act on (as data unless `trust`)."""
-    from imcap.model import zoo
-
-    p = zoo.resolve(path)
-    if not p.is_file():
-        names = ", ".join(zoo.index()) or "none"
-        raise UserError(
-            f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> or a "
-            f"shipped model name ({names}; `imcap models` lists them)"
-        )
-    return captioner_from(read_checkpoint(p, trust), p, map_location, trust=trust, **overrides)
-
-
-def captioner_from(
-    ckpt: dict,
-    p: Path,
-    map_location: str | torch.device = "cpu",
-    trust: bool = False,
-    **overrides: Any,
-) -> Captioner:
-    """The model inside a checkpoint already read (`read_checkpoint`), so a caller that also
-    wants its other entries (epoch, callback state: the demo's model card) reads it once.
-    A packed checkpoint (a shipped model) gets its frozen weights from their declared source.
-    Unless `trust`, every component the hyperparameters name must be imcap's own
-    (imcap.model.checkpoint): a checkpoint is data, it never picks the code that runs."""
-    from imcap.model import zoo
-    from imcap.model.checkpoint import check_hparams
-
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hp or "vocab" not in hp:
-        raise UserError(
-            f"{p} is not an imcap checkpoint (no vocabulary inside); train one with src/train.py"
-        )
-    hp = upgrade_hparams(hp)
-    if not trust:
-        check_hparams(hp, p)
-    hp = {**hp, **overrides}
-    # the weights come from the checkpoint; encoder.pretrained stays as the record of where they
-    # came from before training (the Encoder loads nothing unless load_pretrained() is called)
-    model = Captioner(**hp)
-    try:
-        if ckpt.get(zoo.PACKED):
-            zoo.fill_provided(model, ckpt, p)
-        else:
-            model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError) as e:
-        raise UserError(
-            f"checkpoint {p} does not match its own hyperparameters: {str(e)[:300]}"
-        ) from None
-    return model.to(map_location).eval()

@@ -365,6 +365,8 @@ class AttentionMaps(L.Callback):
         batch = link.eval_batch(ids, pl_module.device)
         with torch.no_grad():
             out = pl_module.generate(pl_module.features(batch), beam_size=1, return_attn=True)
+        if out.alphas is None:  # a decoder may read the grid without attending (no maps to draw)
+            return
         tag = f"epoch_{trainer.current_epoch:03d}" if trainer.state.fn == "fit" else "best"
         # ids come from annotation files: `../x` or `a/b` must not leave or nest in the folder
         names = unique_stems([str(i) for i in ids])

@@ -27,15 +27,9 @@ from imcap.data.images import (
     unique_stems,
 )
 from imcap.errors import UserError
-from imcap.model.checkpoint import check_hparams
-from imcap.model.module import (
-    Captioner,
-    check_decoding,
-    load_captioner,
-    read_checkpoint,
-    upgrade_hparams,
-)
-from imcap.pipeline.datamodule import CaptionDataModule
+from imcap.model.checkpoint import check_hparams, load_captioner, read_checkpoint, upgrade_hparams
+from imcap.model.module import Captioner, check_decoding
+from imcap.pipeline.datamodule import CaptionDataModule, recorded_data
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +86,11 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def check_metrics_env(cfg: DictConfig) -> None:
-    """Fail before any training if scoring cannot run at the end."""
-    if cfg.metrics.java:
-        from imcap.eval.metrics import check_java
+    """Fail before any training if scoring cannot run at the end: building the final scorer of
+    `metrics` checks Java and SPICE's jars, one line each, and spawns nothing."""
+    from imcap.eval.metrics import CaptionScorer
 
-        check_java()
+    CaptionScorer.from_config(plain(cfg.metrics)).close()
 
 
 def make_loggers(cfg: DictConfig) -> list:
@@ -122,8 +116,9 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
     ]
 
 
-def build_model(cfg: DictConfig) -> Captioner:
-    """The model of this config: vocabulary from the training captions, weights loaded.
+def build_model(cfg: DictConfig, data: CaptionDataModule | None = None) -> Captioner:
+    """The model of this config: vocabulary from the training captions of `data` (the run's
+    data module, so its records are read once; a new one when not given), weights loaded.
 
     With `init_from=<ckpt>` (a second stage, e.g. SCST) the checkpoint's vocabulary, encoder and
     decoder are kept (so they always fit its weights); optimisation, loss, decoding and SCST
@@ -137,7 +132,7 @@ def build_model(cfg: DictConfig) -> Captioner:
         "loss": plain(m.loss),
         "decoding": plain(m.decoding),
         "scst": plain(m.get("scst")),
-        "data": {k: plain(cfg.data)[k] for k in ("name", "root", "loader", "source")},
+        "data": recorded_data(plain(cfg.data)),  # eval.py rebuilds the data from it
     }
     if cfg.get("init_from"):
         init = load_captioner(cfg.init_from, trust=bool(cfg.get("trust_checkpoint")))
@@ -152,7 +147,7 @@ def build_model(cfg: DictConfig) -> Captioner:
             "initialised from %s (its vocabulary of %d words)", cfg.init_from, len(model.vocab)
         )
     else:
-        vocab = CaptionDataModule.train_vocab(plain(cfg.data))
+        vocab = (data or CaptionDataModule.from_config(plain(cfg.data))).build_vocab()
         model = Captioner(
             vocab=vocab.to_dict(),
             encoder=plain(cfg.encoder),
@@ -205,12 +200,13 @@ def train(cfg: DictConfig) -> float | None:
         bool(cfg.get("ckpt_path"))
         and Path(str(cfg.ckpt_path)).resolve().parents[1] == out.resolve()
     )
-    model = build_model(cfg)
+    dm = CaptionDataModule.from_config(plain(cfg.data))  # one data module: records read once
+    model = build_model(cfg, dm)
     if cfg.get("ckpt_path"):
         check_resume_vocab(cfg.ckpt_path, model.vocab, trust, model)
     if rank_zero_only.rank == 0:
         model.vocab.save(out / "vocab.json")
-    dm = CaptionDataModule.for_model(plain(cfg.data), model, cfg.mode)
+    dm.attach(model, cfg.mode)
     if cfg.get("compile"):
         model.decoder.compile()  # in place: state-dict keys unchanged
     from imcap.pipeline.callbacks import OverflowGuard
@@ -383,8 +379,11 @@ def write_captions(path: Path, preds: dict[str, str], dm: CaptionDataModule, spl
 
 
 def summary(out: Path, ckpt: str | None, results: dict, samples: Path | None) -> None:
+    """The end-of-run lines: where things are, and the headline scores of `metrics.SPECS`."""
+    from imcap.eval.metrics import metric_names
+
     def fmt(scores: dict) -> str:
-        keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+        keys = metric_names(headline=True)
         return "  ".join(f"{k} {100 * scores[k]:.1f}" for k in keys if k in scores)
 
     lines = [
@@ -445,11 +444,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics_path, captions_path = out / f"metrics_{split}.json", out / f"captions_{split}.json"
     metrics_path.write_text(json.dumps(result, indent=1))
     write_captions(captions_path, model.predictions[split], dm, split)
-    keys = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    from imcap.eval.metrics import metric_names
+
     print(
         f"\n{dm.name} {split}, beam {model.decoding['beam_size']} ({int(scores['num_images'])} images, x100):"
     )
-    print("  ".join(f"{k} {100 * scores[k]:.2f}" for k in keys if k in scores))
+    print("  ".join(f"{k} {100 * scores[k]:.2f}" for k in metric_names() if k in scores))
     print(f"metrics : {metrics_path}\ncaptions: {captions_path}")
     return scores
 

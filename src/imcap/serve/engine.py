@@ -27,7 +27,8 @@ from PIL import Image
 from imcap.data.images import list_images, make_transform
 from imcap.errors import UserError
 from imcap.eval.viz import attention_words, region_grid
-from imcap.model.module import Captioner, captioner_from, read_checkpoint
+from imcap.model.checkpoint import captioner_from, read_checkpoint
+from imcap.model.module import Captioner
 
 log = logging.getLogger(__name__)
 WEB_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}  # what the page and the API accept
@@ -248,8 +249,6 @@ def model_card(path: Path, ckpt: dict, model: Captioner) -> dict[str, Any]:
     checkpoint does not say."""
     hp = dict(model.hparams)
     enc = dict((ckpt.get("hyper_parameters") or {}).get("encoder") or {})  # as trained
-    dec = dict(hp.get("decoder") or {})
-    dec_type = str(dec.get("_target_", "imcap.model.decoder.ShowTellDecoder")).rsplit(".", 1)[-1]
     scores, source = val_scores(path, ckpt)
     stat = path.stat()
     data = dict(hp.get("data") or {})
@@ -262,13 +261,7 @@ def model_card(path: Path, ckpt: dict, model: Captioner) -> dict[str, Any]:
             "weights": enc.get("pretrained"),  # where its weights came from before training
             "trainable": bool(enc.get("trainable")),
         },
-        "decoder": {
-            "type": dec_type,
-            "rnn": dec.get("rnn", "lstm"),
-            "hidden_dim": dec.get("hidden_dim"),
-            "num_layers": dec.get("num_layers", 1),
-            "attention": bool(model.decoder.uses_grid),
-        },
+        "decoder": model.decoder.describe(),
         "vocab_size": len(model.vocab),
         "parameters": sum(p.numel() for p in model.parameters()),
         "dataset": data.get("name"),
