@@ -227,3 +227,26 @@ def test_decoder_class_paths_from_before_the_family_split_are_redirected(
     assert f"{type(loaded.decoder).__module__}.{type(loaded.decoder).__name__}" == new
     assert loaded.hparams.decoder["_target_"] == new
     torch.testing.assert_close(loaded.state_dict(), m.state_dict())
+
+
+def test_a_checkpoint_recording_its_dataset_by_name_only_gets_that_datasets_config() -> None:
+    """Checkpoints written before they recorded the whole data section (name, root, loader and
+    source only) are still evaluated without data=: the dataset's config fills the rest, what
+    the checkpoint recorded wins, keys the config no longer has are dropped."""
+    from imcap.pipeline.datamodule import data_options
+    from imcap.pipeline.run import recorded
+
+    old = {
+        "name": "flickr8k",
+        "root": "/data/f8k",
+        "loader": "imcap.data.datasets.load_records",
+        "source": {"split_source": "hash", "layout_v0": "gone"},
+    }
+    data = recorded(old)
+    assert data["root"] == "/data/f8k" and data["source"]["split_source"] == "hash"
+    assert "layout_v0" not in data["source"] and "readers" in data["source"]
+    assert data_options(data)["batch_size"] == data["batch_size"]  # a whole, valid section
+    assert recorded({"name": "not_a_dataset_here", "root": "/x"}) == {
+        "name": "not_a_dataset_here",
+        "root": "/x",
+    }

@@ -19,7 +19,8 @@ from conftest import cli, demo_checkpoint
 from imcap.config import resume_overrides
 from imcap.errors import UserError
 from imcap.model.checkpoint import RefusedCheckpoint, load_captioner
-from imcap.pipeline.run import check_callback_paths, load_models
+from imcap.pipeline.checks import check_callback_paths
+from imcap.pipeline.runtime import load_models
 
 Attack = Callable[[dict, Path], None]
 
@@ -156,7 +157,7 @@ def test_entry_points_refuse_in_one_line(script, args, attack, good, tmp_path, e
 
 def test_resume_refuses_a_crafted_checkpoint(good, tmp_path, evil_module):
     """Resuming reads the checkpoint's hyperparameters too (vocabulary and shape checks)."""
-    from imcap.pipeline.run import check_resume_vocab
+    from imcap.pipeline.checks import check_resume_vocab
 
     path = crafted(good, tmp_path, _optimizer, evil_module)
     with pytest.raises(RefusedCheckpoint):

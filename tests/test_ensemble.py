@@ -16,7 +16,7 @@ from imcap.errors import UserError
 from imcap.model.checkpoint import load_captioner
 from imcap.model.ensemble import EnsembleDecoder
 from imcap.model.module import Captioner
-from imcap.pipeline.run import load_models
+from imcap.pipeline.runtime import load_models
 
 BANNED = (Vocab.pad_id, Vocab.bos_id, Vocab.unk_id)  # never in a caption
 

@@ -335,7 +335,7 @@ def test_spice_without_corenlp_fails_at_start_up_in_one_line(
     naming the missing file, the download step and `metrics.spice=false`."""
     from conftest import compose_train
 
-    from imcap.pipeline.run import check_metrics_env
+    from imcap.pipeline.checks import check_metrics_env
 
     def no_subprocess(*args, **kwargs):
         raise AssertionError("spawned a process")
@@ -363,7 +363,8 @@ def test_metrics_spice_true_composes_and_reaches_the_scores(
 ) -> None:
     from conftest import compose_train
 
-    from imcap.pipeline.run import check_metrics_env, plain
+    from imcap.pipeline.checks import check_metrics_env
+    from imcap.pipeline.runtime import plain
 
     monkeypatch.setattr(metrics, "_SPICE_DIR", _fake_spice_dir(tmp_path, *metrics._SPICE_MODELS))
     assert compose_train([]).metrics.spice is False

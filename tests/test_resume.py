@@ -86,3 +86,30 @@ def test_bad_resumes_are_one_line(first_run: Path, tmp_path: Path) -> None:
     assert resume_overrides(resolved) == resolved  # a DDP worker re-runs the resolved line
     res = cli("train.py", "resume=auto", f"paths.log_dir={tmp_path / 'none'}")  # the entry point
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "resume=auto" in res.stderr
+
+
+def test_a_resume_reads_its_checkpoint_once(
+    first_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks (vocabulary, model shape, callback paths) and the fit share one read of
+    ckpt_path: the file is unpickled once, not once to check it and again to restore it."""
+    import shutil
+
+    from imcap.pipeline.run import train
+
+    run = tmp_path / "copy"
+    shutil.copytree(first_run, run)
+    ckpt = (run / "checkpoints" / "last.ckpt").resolve()
+    reads: list[Path] = []
+    real = torch.load
+
+    def counting(f, *a, **k):
+        if isinstance(f, str | Path) and Path(f).resolve() == ckpt:
+            reads.append(Path(f))
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", counting)
+    overrides = resume_overrides([f"resume={run}", "trainer.max_epochs=3"])
+    train(compose_train([o for o in overrides if not o.startswith("hydra.")]))
+    assert len(reads) == 1, reads
+    assert val_epochs(run)[-1] == 2  # it did resume: one more epoch, in the same folder

@@ -287,7 +287,7 @@ def test_metrics_csv_names_the_best_checkpoints_revalidation_apart(trained: dict
 def test_resuming_into_another_model_shape_is_a_clear_error(trained: dict) -> None:
     """Same vocabulary, other decoder size: one line naming the differing keys, before
     Lightning would fail on the state dict."""
-    from imcap.pipeline.run import check_resume_vocab
+    from imcap.pipeline.checks import check_resume_vocab
 
     model = load_captioner(trained["ckpt"])
     hp = dict(model.hparams)

@@ -119,6 +119,16 @@ def model_sections(overrides: Sequence[str] = (), **given: Any) -> dict[str, Any
     return out
 
 
+def data_section(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """conf/data/<name>.yaml as train.py composes it, plain values: the whole data section of
+    a dataset known only by name (a checkpoint written before checkpoints recorded it)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(
+        _compose("train", [f"data={name}", *overrides]).data, resolve=True
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _model_defaults(overrides: tuple[str, ...]) -> dict[str, Any]:
     from omegaconf import OmegaConf

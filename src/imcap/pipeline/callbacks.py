@@ -28,7 +28,20 @@ log = logging.getLogger(__name__)
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file and renamed into place: a kill or a full disk
-    mid-write leaves the previous file intact, never a truncated one under the final name."""
+    mid-write leaves the previous file intact, never a truncated one under the final name.
+
+    `preloaded` {path: checkpoint}: files already read (as data) and checked by the caller; the
+    resume of a fit takes them from memory, once, instead of reading them a second time."""
+
+    def __init__(self, preloaded: dict[Path, dict] | None = None) -> None:
+        super().__init__()
+        self._preloaded = {Path(p).resolve(): c for p, c in (preloaded or {}).items()}
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None):
+        ckpt = self._preloaded.pop(Path(path).resolve(), None) if self._preloaded else None
+        if ckpt is not None:
+            return ckpt
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
         path = Path(path)

@@ -15,7 +15,7 @@ from imcap.errors import UserError
 from imcap.model.checkpoint import load_captioner
 from imcap.model.export import FORMATS, export_model, reference_ids
 from imcap.model.module import Captioner
-from imcap.pipeline.run import output_dir, quiet_known_noise
+from imcap.pipeline.runtime import output_dir, quiet_known_noise
 
 log = logging.getLogger(__name__)
 

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from imcap.data.images import (
     ImageFiles,
@@ -27,93 +23,20 @@ from imcap.data.images import (
     unique_stems,
 )
 from imcap.errors import UserError
-from imcap.model.checkpoint import check_hparams, load_captioner, read_checkpoint, upgrade_hparams
-from imcap.model.module import Captioner, check_decoding
+from imcap.model.checkpoint import load_captioner
+from imcap.model.module import Captioner
+from imcap.pipeline.checks import check_metrics_env, check_resume_vocab, check_train_config
 from imcap.pipeline.datamodule import CaptionDataModule, recorded_data
+from imcap.pipeline.runtime import (
+    apply_decoding_overrides,
+    load_models,
+    output_dir,
+    plain,
+    quiet_known_noise,
+)
+from imcap.pipeline.training import fit, make_trainer, run_facts
 
 log = logging.getLogger(__name__)
-
-
-# Known and harmless, printed by every run (so people stop reading warnings): silenced here.
-_HARMLESS = (
-    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a torch API it will update
-    r"Found \d+ module\(s\) in eval mode.*",  # the frozen encoder stays in eval mode on purpose
-    r"Precision .* is not supported by the model summary.*",  # the size column is approximate
-    r"Detected pickle protocol \d+ in the checkpoint.*",  # Lightning writes protocol 4; loads fine
-    # DDP: caption scores are computed once from every rank's gathered captions and broadcast
-    # (Captioner._score), so each rank logs the same global value; nothing to all-reduce
-    r"It is recommended to use `self.log\('(val|val_best|test)/[^']+', \.\.\., sync_dist=True\)`.*",
-    # DDP validate/test: the sampler pads with repeated images; _score keeps each image once
-    r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(validate|test)\(\)`.*",
-)
-
-
-class _DropAdverts(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.lstrip().startswith("💡") or "litlogger" in msg or "litmodels" in msg)
-
-
-def quiet_known_noise() -> None:
-    """Silence warnings a user cannot act on; everything else still prints."""
-    for pattern in _HARMLESS:
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
-
-
-def plain(cfg: Any) -> Any:
-    """OmegaConf -> plain Python containers (what checkpoints and constructors get)."""
-    return (
-        OmegaConf.to_container(cfg, resolve=True)
-        if isinstance(cfg, DictConfig | ListConfig)
-        else cfg
-    )
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    out = Path(cfg.paths.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"cannot write the run directory {out}: {e.strerror}; choose another with "
-            "hydra.run.dir=<dir> (or paths.log_dir=<dir>), or free space there"
-        ) from None
-    return out
-
-
-def check_metrics_env(cfg: DictConfig) -> None:
-    """Fail before any training if scoring cannot run at the end: building the final scorer of
-    `metrics` checks Java and SPICE's jars, one line each, and spawns nothing."""
-    from imcap.eval.metrics import CaptionScorer
-
-    CaptionScorer.from_config(plain(cfg.metrics)).close()
-
-
-def make_loggers(cfg: DictConfig) -> list:
-    loggers = []
-    for name, lcfg in (cfg.get("logger") or {}).items():
-        if lcfg is None or "_target_" not in lcfg:
-            continue
-        if lcfg._target_.endswith("WandbLogger"):
-            from imcap.pipeline.wandb_utils import wandb_logger
-
-            loggers.append(wandb_logger(lcfg, cfg))
-        else:
-            loggers.append(instantiate(lcfg))
-        log.info("logger %s: %s", name, lcfg._target_)
-    return loggers
-
-
-def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [
-        instantiate(c)
-        for c in (cfg.get("callbacks") or {}).values()
-        if c is not None and "_target_" in c
-    ]
 
 
 def build_model(cfg: DictConfig, data: CaptionDataModule | None = None) -> Captioner:
@@ -160,211 +83,63 @@ def build_model(cfg: DictConfig, data: CaptionDataModule | None = None) -> Capti
     return model
 
 
-def stopped_message(trainer: L.Trainer, why: str) -> str:
-    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-    if last and Path(last).is_file():
-        return (
-            f"training stopped ({why}) in epoch {trainer.current_epoch}; resumable checkpoint "
-            f"{last}: continue in the same run directory with `python src/train.py "
-            f"resume={Path(last).parents[1]}` (its overrides are reapplied; add e.g. "
-            "trainer.max_epochs=N to change them)"
-        )
-    return f"training stopped ({why}) in epoch {trainer.current_epoch}; no checkpoint was saved"
-
-
 def train(cfg: DictConfig) -> float | None:
     """Fit, select the best checkpoint on val/CIDEr, test it; returns the optimized metric."""
     started = time.perf_counter()
     quiet_known_noise()
     out = output_dir(cfg)
-    check_metrics_env(cfg)
+    check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    epochs = cfg.trainer.get("max_epochs")
-    if epochs is not None and (not isinstance(epochs, int) or epochs == 0 or epochs < -1):
-        raise UserError(f"trainer.max_epochs must be a whole number >= 1 (or -1), got {epochs!r}")
-    finetune = (cfg.get("callbacks") or {}).get("finetune") or {}
-    if cfg.mode == "two_step" and (
-        cfg.encoder.trainable or finetune.get("start_epoch") is not None
-    ):
-        raise UserError(
-            "a trainable / fine-tuned encoder needs mode=joint (two_step trains on frozen features)"
-        )
-    trust = bool(cfg.get("trust_checkpoint"))  # unpickle checkpoints in full (opt-in)
-    if cfg.get("resume") and not cfg.get("ckpt_path"):
-        raise UserError(
-            "resume= is turned into overrides by the entry point (src/train.py); in code, compose "
-            "the config with imcap.config.resume_overrides(overrides)"
-        )
-    # resume=<run dir> (or ckpt_path=<out>/checkpoints/last.ckpt): continue in this directory
-    in_place = (
-        bool(cfg.get("ckpt_path"))
-        and Path(str(cfg.ckpt_path)).resolve().parents[1] == out.resolve()
-    )
     dm = CaptionDataModule.from_config(plain(cfg.data))  # one data module: records read once
     model = build_model(cfg, dm)
+    resume = None  # ckpt_path=<a .ckpt>: read once here, checked, and handed to the fit
     if cfg.get("ckpt_path"):
-        check_resume_vocab(cfg.ckpt_path, model.vocab, trust, model)
+        trust = bool(cfg.get("trust_checkpoint"))
+        resume = check_resume_vocab(cfg.ckpt_path, model.vocab, trust, model)
     if rank_zero_only.rank == 0:
         model.vocab.save(out / "vocab.json")
     dm.attach(model, cfg.mode)
     if cfg.get("compile"):
         model.decoder.compile()  # in place: state-dict keys unchanged
-    from imcap.pipeline.callbacks import OverflowGuard
+    trainer = make_trainer(cfg, out, resume)
+    fit(trainer, model, dm, cfg)
+    results = {**run_facts(trainer, dm), "fit_seconds": round(time.perf_counter() - started, 1)}
+    results |= score_best(trainer, model, dm, out, test=bool(cfg.get("test")))
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        samples = next((c.latest for c in trainer.callbacks if getattr(c, "latest", None)), None)
+        summary(out, results["best_checkpoint"], results, samples)
+    from imcap.eval.metrics import OBJECTIVE  # (the toolkit import is slow: only when needed)
 
-    callbacks = [*make_callbacks(cfg), OverflowGuard()]  # always on, whatever callbacks= says
-    extra: dict[str, Any] = {}
-    if not sys.stderr.isatty():  # a log file, not a terminal: progress lines, not bar redraws
-        from imcap.pipeline.callbacks import ProgressLog
+    split, name = str(cfg.get("optimized_metric") or OBJECTIVE).split("/", 1)
+    return results.get(split, {}).get(name)
 
-        if "enable_progress_bar" not in cfg.trainer:
-            extra["enable_progress_bar"] = False
-        callbacks.append(ProgressLog())
-    if cfg.trainer.get("enable_model_summary", True):  # ours: no column of zero FLOPs
-        from imcap.pipeline.callbacks import ModelSummary
 
-        callbacks.append(ModelSummary(max_depth=1))
-    extra["enable_model_summary"] = False  # Lightning's own: replaced by the one above
-    if "plugins" not in cfg.trainer:  # checkpoints written to a temp file, then renamed
-        from imcap.pipeline.callbacks import AtomicCheckpointIO
-
-        extra["plugins"] = [AtomicCheckpointIO()]
-    loggers = make_loggers(cfg)
-    if in_place:
-        from imcap.pipeline.callbacks import ContinueMetrics
-
-        rows = ContinueMetrics.take(loggers) if rank_zero_only.rank == 0 else []
-        callbacks.append(ContinueMetrics(rows))
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
-        log.info("resuming in place: %s (from %s)", out, cfg.ckpt_path)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra
-    )
-    for lg in trainer.loggers:
-        lg.log_hyperparams(plain(cfg))
-    try:
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not trust)
-    except SIGTERMException:  # preemption / scancel: last.ckpt saved, exit 143 for a requeue
-        print(f"error: {stopped_message(trainer, 'SIGTERM')}", file=sys.stderr)
-        sys.exit(143)
-    except OSError as e:  # a full disk or a vanished folder while writing a checkpoint or log
-        where = f" ({e.filename})" if e.filename else ""
-        raise UserError(
-            f"training stopped: {e.strerror or e}{where}. Checkpoints already written are "
-            "complete (each is written to a temporary file, then renamed); free space or point "
-            f"the run elsewhere, then resume. {stopped_message(trainer, 'I/O error')}"
-        ) from None
-    except SystemExit:  # Lightning turns Ctrl-C into exit(1) after saving last.ckpt
-        if not trainer.interrupted:
-            raise
-        print(f"error: {stopped_message(trainer, 'Ctrl-C')}", file=sys.stderr)
-        sys.exit(130)
-    if trainer.interrupted:
-        raise UserError(stopped_message(trainer, "interrupted"))
-
-    ckpt_cb = trainer.checkpoint_callback
-    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
-    results: dict[str, Any] = {
-        "best_checkpoint": best,
-        "fit_seconds": round(time.perf_counter() - started, 1),
-    }
-    curves = next((c for c in callbacks if hasattr(c, "epoch_seconds")), None)
-    if curves is not None:
-        results["epoch_seconds"] = curves.epoch_seconds
-    if dm.cache is not None:
-        keys = (
-            "encoder",
-            "weights",
-            "num_images",
-            "seconds",
-            "images_per_second",
-            "device",
-            "bad_files",
-        )
-        results["features"] = {
-            "directory": str(dm.cache.directory),
-            **{k: dm.cache.manifest.get(k) for k in keys},
-        }
+def score_best(
+    trainer: L.Trainer, model: Captioner, dm: CaptionDataModule, out: Path, test: bool
+) -> dict[str, Any]:
+    """The best checkpoint re-scored on val (every metric, METEOR included) and, with `test`,
+    on the test split; each split's captions saved beside the scores."""
+    best = run_facts(trainer, dm)["best_checkpoint"]
+    results: dict[str, Any] = {}
     trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     results["val"] = model.scores.get("val", {})
     if trainer.is_global_zero:
         write_captions(out / "captions_val.json", model.predictions.get("val", {}), dm, "val")
-    if cfg.get("test"):
-        if dm.has_split("test"):
-            dm.split = "test"
-            trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
-            results["test"] = model.scores.get("test", {})
-            if trainer.is_global_zero:
-                write_captions(
-                    out / "captions_test.json", model.predictions.get("test", {}), dm, "test"
-                )
-        else:
-            log.warning(
-                "dataset %s has no test split: skipped the final test; report val scores", dm.name
-            )
-    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    if not test:
+        return results
+    if not dm.has_split("test"):
+        log.warning(
+            "dataset %s has no test split: skipped the final test; report val scores", dm.name
+        )
+        return results
+    dm.split = "test"
+    trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
+    results["test"] = model.scores.get("test", {})
     if trainer.is_global_zero:
-        (out / "metrics.json").write_text(json.dumps(results, indent=1))
-        samples = next((c.latest for c in callbacks if getattr(c, "latest", None)), None)
-        summary(out, best, results, samples)
-    metric = cfg.get("optimized_metric")
-    if metric:
-        split, name = metric.split("/", 1)
-        return results.get(split, {}).get(name)
-    return results["val"].get("CIDEr")
-
-
-def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False, model=None) -> None:
-    """Resuming needs the vocabulary and the model shape the checkpoint was trained with."""
-    p = Path(str(ckpt_path)).expanduser()
-    if not p.is_file():
-        raise UserError(
-            f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> to resume"
-        )
-    ckpt = read_checkpoint(p, trust)
-    hp = upgrade_hparams(ckpt.get("hyper_parameters") or {})
-    if not trust:
-        check_hparams(hp, p)
-        check_callback_paths(ckpt, p)
-    tokens = (hp.get("vocab") or {}).get("tokens")
-    if tokens != vocab.tokens:
-        n = len(tokens) if tokens else 0
-        raise UserError(
-            f"{p} was trained with another vocabulary ({n} words; this data builds {len(vocab)}). "
-            "Resume with the same data and data.vocab settings, or start a new run from its weights "
-            f"and vocabulary with init_from={p}"
-        )
-    if model is None:
-        return
-    for part in ("encoder", "decoder"):
-        theirs, ours = dict(hp.get(part) or {}), dict(model.hparams.get(part) or {})
-        theirs.pop("pretrained", None), ours.pop("pretrained", None)  # where weights came from
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        if diff:
-            shown = ", ".join(f"{part}.{k}={theirs.get(k)!r} (here {ours.get(k)!r})" for k in diff)
-            raise UserError(
-                f"{p} was trained with another {part}: {shown}. Resume with the overrides it "
-                "was trained with (its .hydra/config.yaml), or start anew from it with init_from="
-            )
-
-
-def check_callback_paths(ckpt: dict, p: Path) -> None:
-    """Lightning restores the checkpoint callback's record of the best files (when its folder
-    is this run's) and later deletes those that fall out of the top k: a resumed checkpoint may
-    only name files inside the folder it records."""
-    for name, state in (ckpt.get("callbacks") or {}).items():
-        if not isinstance(state, dict) or "dirpath" not in state:
-            continue
-        home = Path(str(state["dirpath"]))
-        named = [*(state.get("best_k_models") or {})]
-        named += [
-            state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")
-        ]
-        for f in named:
-            if f and (Path(str(f)).parent != home or ".." in Path(str(f)).parts):
-                raise UserError(
-                    f"refusing checkpoint {p}: its {name} state names {f}, a file outside its "
-                    f"folder {home}; resume only checkpoints train.py wrote, or trust_checkpoint=true"
-                )
+        write_captions(out / "captions_test.json", model.predictions.get("test", {}), dm, "test")
+    return results
 
 
 def write_captions(path: Path, preds: dict[str, str], dm: CaptionDataModule, split: str) -> None:
@@ -412,7 +187,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise UserError("an ensemble (ckpt_path=[...]) reads raw images: use mode=joint")
     apply_decoding_overrides(model, cfg)
     model.metrics_cfg = plain(cfg.metrics)
-    data = plain(cfg.data) if cfg.get("data") else dict(model.hparams.get("data") or {})
+    data = plain(cfg.data) if cfg.get("data") else recorded(dict(model.hparams.get("data") or {}))
     if not data:
         raise UserError(
             f"{cfg.ckpt_path} records no dataset: pass data=<name> (e.g. data=flickr8k)"
@@ -454,32 +229,28 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return scores
 
 
-def load_models(ckpt_path: Any, map_location: str = "cpu", trust: bool = False) -> Captioner:
-    """`ckpt_path`: one checkpoint, or a list of them decoded as an ensemble (the mean of their
-    word distributions at every step; the first one's decoding settings)."""
-    ckpt_path = plain(ckpt_path)
-    if not isinstance(ckpt_path, list | tuple):
-        return load_captioner(str(ckpt_path), map_location=map_location, trust=trust)
-    paths = [str(p) for p in ckpt_path]
-    if not paths:
-        raise UserError("ckpt_path=[] names no checkpoint: give one path, or a list of them")
-    models = [load_captioner(p, map_location=map_location, trust=trust) for p in paths]
-    models[0].join(models[1:], paths)
-    log.info("ensemble of %d checkpoints: %s", len(paths), ", ".join(paths))
-    return models[0]
+def recorded(data: dict[str, Any]) -> dict[str, Any]:
+    """The data section a checkpoint recorded, whole: one written before checkpoints recorded
+    every option (name, root, loader and source only) gets its dataset's config under what it
+    recorded; a dataset unknown here keeps the record (and the error naming data=)."""
+    name = data.get("name")
+    if not name or "batch_size" in data:
+        return data
+    from imcap.config import data_section
 
-
-def apply_decoding_overrides(model: Captioner, cfg: DictConfig) -> None:
-    for key, value in (plain(cfg.get("model")) or {}).items():
-        if value is None:
-            continue
-        if key not in model.decoding:
-            raise UserError(f"unknown decoding option model.{key}; known: {sorted(model.decoding)}")
-        try:
-            model.decoding[key] = type(model.decoding[key])(value)
-        except (TypeError, ValueError):
-            raise UserError(f"model.{key}={value!r} is not a number") from None
-    check_decoding(model.decoding)
+    try:
+        base = data_section(str(name))
+    except Exception:  # noqa: BLE001 - not a dataset of this installation's conf/data
+        return data
+    source = {
+        **base["source"],
+        **{k: v for k, v in (data.get("source") or {}).items() if k in base["source"]},
+    }
+    return {
+        **base,
+        **{k: v for k, v in data.items() if k in base and k != "source"},
+        "source": source,
+    }
 
 
 # -- caption.py -------------------------------------------------------------------------------

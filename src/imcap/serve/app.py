@@ -713,7 +713,7 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
 def limits_from(cfg: Any) -> Limits:
     """The demo's Limits from its config (conf/serve.yaml); a nonsense value is a UserError
     naming the key."""
-    from imcap.pipeline.run import plain
+    from imcap.pipeline.runtime import plain
 
     d = Limits()
 
@@ -776,7 +776,7 @@ def serve(cfg: Any) -> None:
         ) from None
     import torch
 
-    from imcap.pipeline.run import apply_decoding_overrides, plain, quiet_known_noise
+    from imcap.pipeline.runtime import apply_decoding_overrides, plain, quiet_known_noise
 
     quiet_known_noise()
     host, port = str(cfg.host), int(cfg.port)

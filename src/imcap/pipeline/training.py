@@ -1,0 +1,131 @@
+"""The Lightning side of `train()`: loggers and callbacks from the config, the Trainer, a fit
+whose every way of stopping says what was kept and how to go on, and the final scoring of the
+best checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
+
+from imcap.errors import UserError
+from imcap.pipeline.callbacks import AtomicCheckpointIO, ContinueMetrics, ModelSummary, ProgressLog
+from imcap.pipeline.runtime import plain
+
+log = logging.getLogger(__name__)
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        if lcfg._target_.endswith("WandbLogger"):
+            from imcap.pipeline.wandb_utils import wandb_logger
+
+            loggers.append(wandb_logger(lcfg, cfg))
+        else:
+            loggers.append(instantiate(lcfg))
+        log.info("logger %s: %s", name, lcfg._target_)
+    return loggers
+
+
+def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """conf/callbacks/*: every entry with a `_target_` (null or `~callbacks.x` removes one).
+    Lightning's own model summary and progress bar yield to ours when the config says so."""
+    callbacks = [
+        instantiate(c)
+        for c in (cfg.get("callbacks") or {}).values()
+        if c is not None and "_target_" in c
+    ]
+    if not cfg.trainer.get("enable_model_summary", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
+    return callbacks
+
+
+def make_trainer(cfg: DictConfig, out: Path, resume: dict | None = None) -> L.Trainer:
+    """The Trainer of `cfg.trainer` with the run's callbacks and loggers. `resume`: the
+    checkpoint `ckpt_path` names, already read (the fit takes it from memory, not the disk);
+    when it lives in this run's folder the run continues in place (metrics appended)."""
+    callbacks, loggers = make_callbacks(cfg), make_loggers(cfg)
+    extra: dict[str, Any] = {"enable_model_summary": False}  # ModelSummary (ours) replaces it
+    if sys.stderr.isatty():  # a terminal: progress bars, not log lines
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressLog)]
+    elif "enable_progress_bar" not in cfg.trainer:  # a log file: lines, not bar redraws
+        extra["enable_progress_bar"] = False
+    if "plugins" not in cfg.trainer:  # checkpoints written to a temp file, then renamed
+        ckpt = Path(str(cfg.ckpt_path)).expanduser() if resume is not None else None
+        extra["plugins"] = [AtomicCheckpointIO(preloaded={ckpt: resume} if ckpt else None)]
+    if resume is not None and Path(str(cfg.ckpt_path)).resolve().parents[1] == out.resolve():
+        rows = ContinueMetrics.take(loggers) if rank_zero_only.rank == 0 else []
+        callbacks.append(ContinueMetrics(rows))
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+        log.info("resuming in place: %s (from %s)", out, cfg.ckpt_path)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(plain(cfg))
+    return trainer
+
+
+def stopped_message(trainer: L.Trainer, why: str) -> str:
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    if last and Path(last).is_file():
+        return (
+            f"training stopped ({why}) in epoch {trainer.current_epoch}; resumable checkpoint "
+            f"{last}: continue in the same run directory with `python src/train.py "
+            f"resume={Path(last).parents[1]}` (its overrides are reapplied; add e.g. "
+            "trainer.max_epochs=N to change them)"
+        )
+    return f"training stopped ({why}) in epoch {trainer.current_epoch}; no checkpoint was saved"
+
+
+def fit(trainer: L.Trainer, model: Any, dm: Any, cfg: DictConfig) -> None:
+    """trainer.fit, with every way a run stops turned into what was kept and how to go on."""
+    trust = bool(cfg.get("trust_checkpoint"))  # unpickle checkpoints in full (opt-in)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not trust)
+    except SIGTERMException:  # preemption / scancel: last.ckpt saved, exit 143 for a requeue
+        print(f"error: {stopped_message(trainer, 'SIGTERM')}", file=sys.stderr)
+        sys.exit(143)
+    except OSError as e:  # a full disk or a vanished folder while writing a checkpoint or log
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(
+            f"training stopped: {e.strerror or e}{where}. Checkpoints already written are "
+            "complete (each is written to a temporary file, then renamed); free space or point "
+            f"the run elsewhere, then resume. {stopped_message(trainer, 'I/O error')}"
+        ) from None
+    except SystemExit:  # Lightning turns Ctrl-C into exit(1) after saving last.ckpt
+        if not trainer.interrupted:
+            raise
+        print(f"error: {stopped_message(trainer, 'Ctrl-C')}", file=sys.stderr)
+        sys.exit(130)
+    if trainer.interrupted:
+        raise UserError(stopped_message(trainer, "interrupted"))
+
+
+FEATURE_FACTS = ("encoder", "weights", "num_images", "seconds", "images_per_second", "device")
+
+
+def run_facts(trainer: L.Trainer, dm: Any) -> dict[str, Any]:
+    """What the run did besides its scores: the best checkpoint, epoch times, the feature cache."""
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    facts: dict[str, Any] = {"best_checkpoint": best}
+    curves = next((c for c in trainer.callbacks if hasattr(c, "epoch_seconds")), None)
+    if curves is not None:
+        facts["epoch_seconds"] = curves.epoch_seconds
+    if dm.cache is not None:
+        m = dm.cache.manifest
+        facts["features"] = {
+            "directory": str(dm.cache.directory),
+            **{k: m.get(k) for k in (*FEATURE_FACTS, "bad_files")},
+        }
+    return facts
