@@ -167,7 +167,7 @@ def test_console_entry_points_and_python_m_imcap() -> None:
 
 
 CONFIG_READERS = {"cli.py", "config.py", "pipeline/hydra_callbacks.py"}  # the CLI layer
-_READS_CONFIG = {"load", "safe_load", "full_load", "conf_defaults", "initialize_config_dir"}
+_READS_CONFIG = {"load", "safe_load", "full_load", "initialize_config_dir", "compose"}
 
 
 def config_reads(path: Path) -> list[str]:

@@ -1,10 +1,10 @@
 """Where the configs live, and the checks that make a config mistake one line naming the key.
 
 Defaults live only in the package's `conf/` (the Hydra groups, `imcap/conf`, shipped inside the
-wheel; the checkout's top-level `conf` links to it). Code that runs without Hydra (a checkpoint
-loaded in a notebook, a test) reads the same files through `conf_defaults`, so a default is
-written once. Nothing here reads a file relative to the checkout: an installed copy works from
-any directory.
+wheel; the checkout's top-level `conf` links to it), and only this module and the entry points
+read them (Hydra composition): library code receives whole config sections as arguments. Code
+that builds a model without a run (a notebook, a test) composes them with `model_sections()`.
+Nothing here reads a file relative to the checkout: an installed copy works from any directory.
 """
 
 from __future__ import annotations
@@ -37,28 +37,6 @@ def set_project_root() -> None:
     one (`python src/train.py` anywhere), else the working directory, as Hydra apps do.
     IMCAP_ROOT, when set, wins."""
     os.environ.setdefault("IMCAP_ROOT", str(checkout_root() or Path.cwd()))
-
-
-def conf_defaults(name: str, section: str | None = None) -> dict[str, Any]:
-    """The defaults of `conf/<name>.yaml` (or one section of it) as plain, resolved values."""
-    from omegaconf import OmegaConf
-
-    path = CONF_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(
-            f"config file {path} is missing: this imcap installation is incomplete; reinstall it "
-            "(pip install --force-reinstall imcap, or pip install . in a checkout)"
-        )
-    # resolve what the groups interpolate (paths.*, data.vocab.max_len) against their defaults
-    root = OmegaConf.create(
-        {
-            "paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml"),
-            "data": OmegaConf.load(CONF_DIR / "data" / "_base.yaml"),
-            "x": OmegaConf.load(path),
-        }
-    )
-    node = root.x if section is None else root.x[section]
-    return OmegaConf.to_container(node, resolve=True)
 
 
 def checked(where: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
