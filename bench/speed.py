@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from imcap.config import model_sections  # noqa: E402
+from imcap.config import group_section, model_sections  # noqa: E402
 from imcap.data.records import ImageRecord  # noqa: E402
 from imcap.data.text import Vocab, tokenize  # noqa: E402
 from imcap.errors import UserError  # noqa: E402
@@ -98,15 +98,11 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     topdown = args.decoder == "topdown"
     captions = (tokenize(c) for r in recs if r.split == "train" for c in r.captions)
     vocab = Vocab.build(captions, min_count=1, max_len=20)
-    dec_cfg = {
-        "_target_": "imcap.model.decoder.ShowTellDecoder",
-        "rnn": args.rnn,
-        "embed_dim": args.hidden,
-        "hidden_dim": args.hidden,
-        "dropout": 0.5,
-    }
+    size = {"rnn": args.rnn, "embed_dim": args.hidden, "hidden_dim": args.hidden}
     if topdown:  # conf/decoder/topdown.yaml
-        dec_cfg.update(_target_="imcap.model.decoder.TopDownDecoder", attention_dim=args.hidden)
+        dec_cfg = group_section("decoder", "topdown", **size, attention_dim=args.hidden)
+    else:
+        dec_cfg = group_section("decoder", "lstm", **size)
     sections = model_sections(scheduler=None)
     model = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, **sections)
     from flickr8k import compose_train  # the whole data section, as a run composes it

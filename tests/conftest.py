@@ -166,19 +166,17 @@ def demo_checkpoint(path: Path, attention: bool = True, seed: int = 0, **extra) 
     """A small untrained checkpoint in train.py's format (hyperparameters, weights, epoch, the
     checkpoint callback's state): resnet18 at 96 px, a 3x3 grid for attention. Captions are
     word salad, but deterministic, which is all the demo's tests need."""
-    from imcap.config import model_sections
+    from imcap.config import group_section, model_sections
     from imcap.data.text import Vocab
     from imcap.model.module import Captioner
 
     torch.manual_seed(seed)
     vocab = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
-    dec = {"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0}
+    small = {"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0}
     if attention:
-        dec = {
-            **dec,
-            "_target_": "imcap.model.decoders.attention.AttentionDecoder",
-            "attention_dim": 16,
-        }
+        dec = group_section("decoder", "lstm_attention", **small, attention_dim=16)
+    else:
+        dec = group_section("decoder", "lstm", **small)
     data = {"name": "synthetic", "root": None, "source": {"seed": 0, "image_size": 96}}
     enc = {"name": "resnet18", "img_size": 96}
     model = Captioner(vocab, enc, dec, data=data, **model_sections()).eval()

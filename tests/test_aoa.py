@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from imcap.config import group_section
 from imcap.model.decoders.aoa import AoADecoder
 from imcap.model.decoding import beam_search, greedy
 from imcap.model.encoder import Features
@@ -28,6 +29,8 @@ def make(rnn: str = "lstm", attributes: int = 0, layers: int = 1) -> AoADecoder:
         refiner_layers=layers,
         refiner_heads=4,
         refiner_dropout=0.0,
+        feature_dropout=0.0,
+        feature_norm="batch",
     ).eval()
 
 
@@ -108,4 +111,5 @@ def test_beam_one_is_greedy_and_beams_score_higher() -> None:
 
 def test_hidden_width_must_split_into_heads() -> None:
     with pytest.raises(ValueError, match="refiner_heads"):
-        AoADecoder(V, C, hidden_dim=18, refiner_heads=4)
+        args = {k: v for k, v in group_section("decoder", "aoa").items() if k != "_target_"}
+        AoADecoder(V, C, **{**args, "hidden_dim": 18, "refiner_heads": 4})

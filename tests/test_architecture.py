@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, compose_train, tiny_overrides
 from omegaconf import OmegaConf
 
-from imcap.config import model_sections, preflight
+from imcap.config import group_section, model_sections, preflight
 from imcap.data.text import Vocab
 from imcap.errors import UserError
 from imcap.model.checkpoint import upgrade_hparams
@@ -73,19 +73,24 @@ def test_added_unknown_keys_are_refused_by_the_code() -> None:
         data_options({"name": "x", "root": "/tmp", "vocab": {"min_cont": 2}})
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
     with pytest.raises(UserError, match=r"model\.loss\.label_smothing"):
-        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8},
+        Captioner(vocab, {"name": "resnet18"}, group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
                   **{**model_sections(), "loss": {"label_smothing": 0.1}})  # fmt: skip
     with pytest.raises(UserError, match=r"model\.loss lacks model\.loss\.ss_prob.*model_sections"):
         sections = model_sections()
         del sections["loss"]["ss_prob"]
-        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, **sections)
+        Captioner(
+            vocab,
+            {"name": "resnet18"},
+            group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
+            **sections,
+        )
 
 
 def test_defaults_come_from_the_configs(tmp_path: Path) -> None:
     """A model built without a run gets conf/model/default.yaml's values (composed by Hydra,
     the one reader of config files), and they are saved."""
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
-    m = Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8},
+    m = Captioner(vocab, {"name": "resnet18"}, group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
                   **model_sections(loss={"label_smoothing": 0.2}))  # fmt: skip
     conf = compose_train([])
     assert m.hparams.optimizer == OmegaConf.to_container(conf.model.optimizer)
@@ -123,7 +128,10 @@ def test_checkpoints_written_before_the_layout_change_still_load() -> None:
     old = {
         "vocab": Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict(),
         "encoder": {"name": "resnet18", "pretrained": False},
-        "decoder": {"_target_": "imcap.decoder.ShowTellDecoder", "hidden_dim": 8, "embed_dim": 8},
+        "decoder": {  # imcap 0.1 wrote every key of its conf/decoder/lstm.yaml
+            "_target_": "imcap.decoder.ShowTellDecoder",
+            **{"rnn": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1, "dropout": 0.5},
+        },
         "optim": {"lr": 1e-3, "weight_decay": 0.0, "encoder_lr": 2e-5, "scheduler": "none"},
         "loss": {"label_smoothing": 0.1},
         "decoding": {"beam_size": 1, "max_len": 5, "length_penalty": 0.0},
@@ -215,9 +223,12 @@ def test_decoder_class_paths_from_before_the_family_split_are_redirected(
     from imcap.model.checkpoint import load_captioner
 
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
-    dec = {"_target_": new, "hidden_dim": 8, "embed_dim": 8}
-    if "ShowTell" not in new:
-        dec["attention_dim"] = 8
+    family = {"ShowTell": "lstm", "Attention": "lstm_attention", "TopDown": "topdown"}
+    option = next(v for k, v in family.items() if k in new)
+    small = {"hidden_dim": 8, "embed_dim": 8}
+    dec = group_section(
+        "decoder", option, **small, **({} if option == "lstm" else {"attention_dim": 8})
+    )
     torch.manual_seed(0)
     m = Captioner(vocab, {"name": "resnet18", "img_size": 64}, dec, **model_sections())
     hp = {**m.hparams, "decoder": {**dec, "_target_": old}}

@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from imcap.config import model_sections
+from imcap.config import group_section, model_sections
 from imcap.data.text import Vocab
 from imcap.model.decoders.attention import AttentionDecoder
 from imcap.model.decoding import beam_search, greedy
 from imcap.model.encoder import Encoder, Features
 from imcap.model.module import Captioner
+
+ATTENTION = {k: v for k, v in group_section("decoder", "lstm_attention").items() if k != "_target_"}
 
 WORDS = ["a", "red", "blue", "circle", "square", "left", "of"]
 
@@ -35,9 +37,8 @@ def test_attention_weights_sum_to_one_over_each_encoders_regions(
     px = enc.data_config["input_size"][-1]
     with torch.no_grad():
         feats = enc(torch.randn(2, 3, px, px), grid=True)
-    dec = AttentionDecoder(
-        20, enc.grid_dim, rnn=rnn, embed_dim=8, hidden_dim=16, attention_dim=8
-    ).eval()
+    small = {"rnn": rnn, "embed_dim": 8, "hidden_dim": 16, "attention_dim": 8}
+    dec = AttentionDecoder(20, enc.grid_dim, **{**ATTENTION, **small}).eval()
     tokens = torch.randint(4, 20, (2, 5))
     out = dec(feats, tokens)
     assert out.logits.shape == (2, 5, 20)
@@ -48,13 +49,9 @@ def test_attention_weights_sum_to_one_over_each_encoders_regions(
 
 def tiny_captioner(attention_reg: float) -> Captioner:
     vocab = Vocab(list(Vocab.SPECIALS) + WORDS, max_len=6).to_dict()
-    dec = {
-        "_target_": "imcap.model.decoders.attention.AttentionDecoder",
-        "embed_dim": 8,
-        "hidden_dim": 16,
-        "attention_dim": 8,
-        "dropout": 0.0,
-    }
+    dec = group_section(
+        "decoder", "lstm_attention", embed_dim=8, hidden_dim=16, attention_dim=8, dropout=0.0
+    )
     sections = model_sections(loss={"attention_reg": attention_reg})
     return Captioner(vocab, {"name": "resnet18"}, dec, **sections)
 

@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from imcap.config import group_section
 from imcap.model.decoders.show_tell import ShowTellDecoder
 from imcap.model.decoding import beam_search, greedy, sample
 from imcap.model.encoder import Features
+
+SHOW_TELL = {k: v for k, v in group_section("decoder", "lstm").items() if k != "_target_"}
 
 V, C, B = 30, 16, 4
 BOS, EOS = 1, 2
@@ -16,7 +19,8 @@ BOS, EOS = 1, 2
 
 def make(rnn: str, **kw) -> ShowTellDecoder:
     torch.manual_seed(0)
-    return ShowTellDecoder(V, C, rnn=rnn, embed_dim=8, hidden_dim=12, dropout=0.0, **kw).eval()
+    args = {**SHOW_TELL, "rnn": rnn, "embed_dim": 8, "hidden_dim": 12, "dropout": 0.0, **kw}
+    return ShowTellDecoder(V, C, **args).eval()
 
 
 def feats(b: int = B) -> Features:
@@ -177,14 +181,14 @@ def test_scheduled_sampling_feeds_the_models_own_words() -> None:
 
 
 def test_scheduled_sampling_ramp() -> None:
-    from imcap.config import model_sections
+    from imcap.config import group_section, model_sections
     from imcap.data.text import Vocab
     from imcap.model.module import Captioner
 
     m = Captioner(
         Vocab(list(Vocab.SPECIALS) + ["a"]).to_dict(),
         {"name": "resnet18"},
-        {"hidden_dim": 8, "embed_dim": 8},
+        group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
         **model_sections(loss={"ss_prob": 0.4, "ss_ramp_epochs": 4}),
     )
     probs = []

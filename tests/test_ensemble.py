@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEMO_WORDS, cli, demo_checkpoint
 
-from imcap.config import model_sections
+from imcap.config import group_section, model_sections
 from imcap.data.text import Vocab
 from imcap.errors import UserError
 from imcap.model.checkpoint import load_captioner
@@ -113,13 +113,19 @@ def test_members_must_share_vocabulary_and_image_transform(tmp_path: Path) -> No
     a, _ = _pair(tmp_path)
     words = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS[::-1], max_len=8).to_dict()
     other_vocab = Captioner(
-        words, {"name": "resnet18", "img_size": 96}, {"embed_dim": 8}, **model_sections()
+        words,
+        {"name": "resnet18", "img_size": 96},
+        group_section("decoder", "lstm", embed_dim=8),
+        **model_sections(),
     )
     with pytest.raises(UserError, match=r"b\.ckpt: its vocabulary \(14 words\) differs"):
         a.join([other_vocab], ["a.ckpt", "b.ckpt"])
     same = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
     other_size = Captioner(
-        same, {"name": "resnet18", "img_size": 64}, {"embed_dim": 8}, **model_sections()
+        same,
+        {"name": "resnet18", "img_size": 64},
+        group_section("decoder", "lstm", embed_dim=8),
+        **model_sections(),
     )
     with pytest.raises(
         UserError,

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, cli
 from PIL import Image
 
-from imcap.config import model_sections
+from imcap.config import group_section, model_sections
 from imcap.data.images import make_transform
 from imcap.data.synthetic import make_example, render
 from imcap.data.text import Vocab, tokenize
@@ -28,15 +28,12 @@ ort = pytest.importorskip("onnxruntime", reason="pip install -e .[export] (make 
 SIZE = 64
 STEPS, LR, N_TRAIN = 100, 3e-3, 32  # enough for >= 5 distinct captions on 6 images
 ENCODER = "test_efficientnet"  # timm's tiny test net: the EfficientNet blocks at a fraction of the trace time
-DECODERS = {  # decoder type -> tiny decoder config
-    "show_tell_lstm": {"rnn": "lstm"},
-    "show_tell_gru_2layers": {"rnn": "gru", "num_layers": 2},
-    "sat_gru": {"_target_": "imcap.model.decoders.attention.AttentionDecoder", "rnn": "gru"},
-    "topdown_attributes": {
-        "_target_": "imcap.model.decoders.topdown.TopDownDecoder",
-        "attributes": 6,
-    },
-    "aoa_attributes": {"_target_": "imcap.model.decoders.aoa.AoADecoder", "attributes": 6},
+DECODERS = {  # decoder type -> (conf/decoder option, tiny changes)
+    "show_tell_lstm": ("lstm", {}),
+    "show_tell_gru_2layers": ("gru", {"num_layers": 2}),
+    "sat_gru": ("gru_attention", {}),
+    "topdown_attributes": ("topdown", {"attributes": 6}),
+    "aoa_attributes": ("aoa", {"attributes": 6, "refiner_heads": 4}),
 }
 
 
@@ -46,13 +43,14 @@ def images_and_refs(split: str, n: int) -> tuple[list[Image.Image], dict[int, li
     return images, {i: [tokenize(c) for c in caps] for i, (_, caps) in enumerate(examples)}
 
 
-def tiny_checkpoint(path: Path, decoder: dict) -> Path:
+def tiny_checkpoint(path: Path, decoder: tuple[str, dict]) -> Path:
     """A Captioner trained for a few steps on 32 synthetic images, saved as train.py does."""
     torch.manual_seed(0)
     pics, refs = images_and_refs("train", N_TRAIN)
     vocab = Vocab.build([c for caps in refs.values() for c in caps], max_len=12)
-    dec = {**decoder, "embed_dim": 32, "hidden_dim": 48, "dropout": 0.0}
-    if "_target_" in decoder:
+    option, given = decoder
+    dec = group_section("decoder", option, **given, embed_dim=32, hidden_dim=48, dropout=0.0)
+    if "attention_dim" in dec:
         dec["attention_dim"] = 32
     model = Captioner(
         vocab.to_dict(),

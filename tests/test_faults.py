@@ -237,14 +237,19 @@ def test_bad_data_values_are_one_line(data: dict, match: str, tmp_path: Path) ->
     ],
 )
 def test_bad_decoding_values_are_one_line(decoding: dict, match: str) -> None:
-    from imcap.config import model_sections
+    from imcap.config import group_section, model_sections
     from imcap.data.text import Vocab
     from imcap.model.module import Captioner
 
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
     with pytest.raises(UserError, match=match):
         sections = model_sections(decoding=decoding)
-        Captioner(vocab, {"name": "resnet18"}, {"hidden_dim": 8, "embed_dim": 8}, **sections)
+        Captioner(
+            vocab,
+            {"name": "resnet18"},
+            group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
+            **sections,
+        )
 
 
 def test_zero_epochs_is_refused_before_any_work(tmp_path: Path) -> None:

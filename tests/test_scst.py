@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import LEARN, compose_train, run_dir, tiny_overrides
 
-from imcap.config import model_sections
+from imcap.config import group_section, model_sections
 from imcap.data.text import Vocab
 from imcap.eval.cider import CiderD
 from imcap.model.batch import Batch
@@ -92,7 +92,7 @@ def test_reward_counts_eos() -> None:
     model = Captioner(
         vocab,
         {"name": "resnet18"},
-        {"_target_": "imcap.model.decoders.show_tell.ShowTellDecoder"},
+        group_section("decoder", "lstm"),
         **model_sections(),
     )
     v = model.vocab

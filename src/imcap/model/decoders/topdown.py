@@ -41,14 +41,15 @@ class TopDownDecoder(CaptionDecoder):
         self,
         vocab_size: int,
         feature_dim: int,
-        rnn: str = "lstm",
-        embed_dim: int = 512,
-        hidden_dim: int = 512,
-        attention_dim: int = 512,
-        dropout: float = 0.5,
-        feature_dropout: float = 0.0,
-        feature_norm: str = "batch",
-        attributes: int = 0,
+        *,
+        rnn: str,
+        embed_dim: int,
+        hidden_dim: int,
+        attention_dim: int,
+        dropout: float,
+        feature_dropout: float,
+        feature_norm: str,
+        attributes: int,
     ) -> None:
         super().__init__()
         self._recurrence(rnn, CELLS, hidden_dim)
