@@ -62,9 +62,10 @@ def main() -> None:
 
     import torch
 
+    from imcap.config import group_section
     from imcap.model.encoder import Encoder
 
-    enc = Encoder("tf_efficientnet_lite0", pretrained="pypi")
+    enc = Encoder(**group_section("encoder", "efficientnet_lite0", img_size=None))
     enc.load_pretrained()
     torch.save(
         {k: v.half() if v.is_floating_point() else v for k, v in enc.model.state_dict().items()},

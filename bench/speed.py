@@ -42,6 +42,9 @@ from imcap.model.module import Captioner  # noqa: E402
 from imcap.pipeline.datamodule import CaptionDataModule  # noqa: E402
 from imcap.pipeline.features import CachedFeatures  # noqa: E402
 
+# conf/encoder/efficientnet_lite0 as an untrained model at timm's input size
+LITE0 = group_section("encoder", "efficientnet_lite0", pretrained=False, img_size=None)
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -104,7 +107,7 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     else:
         dec_cfg = group_section("decoder", "lstm", **size)
     sections = model_sections(scheduler=None)
-    model = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, **sections)
+    model = Captioner(vocab.to_dict(), LITE0, dec_cfg, **sections)
     from flickr8k import compose_train  # the whole data section, as a run composes it
     from omegaconf import OmegaConf
 
@@ -117,7 +120,7 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     B, steps, warm = args.batch_size, args.steps, args.warmup
 
     # -- ceiling: bare PyTorch, same decoder, shapes, optimizer and on-device gather ----------
-    dec = Captioner(vocab.to_dict(), {"name": "tf_efficientnet_lite0"}, dec_cfg, **sections)
+    dec = Captioner(vocab.to_dict(), LITE0, dec_cfg, **sections)
     dec = dec.decoder.to(device)
     if args.compile:
         dec.compile()
@@ -216,7 +219,7 @@ def bench_extraction(args, device: torch.device, tmp: Path) -> dict:
         p = img_dir / f"{i:05d}.jpg"
         render(scene, 224).save(p, quality=85)
         paths.append(p)
-    enc = Encoder(args.encoder)
+    enc = Encoder(**{**LITE0, "name": args.encoder})
     start = time.perf_counter()
     cache = ensure_features(
         enc,

@@ -162,6 +162,15 @@ def png_header(path: Path, width: int, height: int) -> Path:
 DEMO_WORDS = ["a", "red", "blue", "circle", "square", "left", "of", "on", "the", "right"]
 
 
+def encoder_args(name: str, **given: Any) -> dict[str, Any]:
+    """Encoder keyword arguments for timm model `name`: conf/encoder's keys, with a plain
+    untrained model at timm's own input size unless `given` says otherwise."""
+    from imcap.config import group_section
+
+    base = group_section("encoder", "resnet18")
+    return {**base, "name": name, "pretrained": False, "img_size": None, **given}
+
+
 def demo_checkpoint(path: Path, attention: bool = True, seed: int = 0, **extra) -> Path:
     """A small untrained checkpoint in train.py's format (hyperparameters, weights, epoch, the
     checkpoint callback's state): resnet18 at 96 px, a 3x3 grid for attention. Captions are
@@ -178,7 +187,7 @@ def demo_checkpoint(path: Path, attention: bool = True, seed: int = 0, **extra) 
     else:
         dec = group_section("decoder", "lstm", **small)
     data = {"name": "synthetic", "root": None, "source": {"seed": 0, "image_size": 96}}
-    enc = {"name": "resnet18", "img_size": 96}
+    enc = encoder_args("resnet18", img_size=96)
     model = Captioner(vocab, enc, dec, data=data, **model_sections()).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_train, tiny_overrides
+from conftest import ROOT, compose_train, encoder_args, tiny_overrides
 from omegaconf import OmegaConf
 
 from imcap.config import group_section, model_sections, preflight
@@ -73,14 +73,14 @@ def test_added_unknown_keys_are_refused_by_the_code() -> None:
         data_options({"name": "x", "root": "/tmp", "vocab": {"min_cont": 2}})
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
     with pytest.raises(UserError, match=r"model\.loss\.label_smothing"):
-        Captioner(vocab, {"name": "resnet18"}, group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
+        Captioner(vocab, encoder_args("resnet18"), group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
                   **{**model_sections(), "loss": {"label_smothing": 0.1}})  # fmt: skip
     with pytest.raises(UserError, match=r"model\.loss lacks model\.loss\.ss_prob.*model_sections"):
         sections = model_sections()
         del sections["loss"]["ss_prob"]
         Captioner(
             vocab,
-            {"name": "resnet18"},
+            encoder_args("resnet18"),
             group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
             **sections,
         )
@@ -90,7 +90,7 @@ def test_defaults_come_from_the_configs(tmp_path: Path) -> None:
     """A model built without a run gets conf/model/default.yaml's values (composed by Hydra,
     the one reader of config files), and they are saved."""
     vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
-    m = Captioner(vocab, {"name": "resnet18"}, group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
+    m = Captioner(vocab, encoder_args("resnet18"), group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
                   **model_sections(loss={"label_smoothing": 0.2}))  # fmt: skip
     conf = compose_train([])
     assert m.hparams.optimizer == OmegaConf.to_container(conf.model.optimizer)
@@ -127,7 +127,7 @@ def test_optimizer_and_scheduler_swap_by_config(tmp_path: Path) -> None:
 def test_checkpoints_written_before_the_layout_change_still_load() -> None:
     old = {
         "vocab": Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict(),
-        "encoder": {"name": "resnet18", "pretrained": False},
+        "encoder": {"name": "resnet18", "pretrained": False},  # 0.1 wrote what it was given
         "decoder": {  # imcap 0.1 wrote every key of its conf/decoder/lstm.yaml
             "_target_": "imcap.decoder.ShowTellDecoder",
             **{"rnn": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1, "dropout": 0.5},
@@ -230,7 +230,7 @@ def test_decoder_class_paths_from_before_the_family_split_are_redirected(
         "decoder", option, **small, **({} if option == "lstm" else {"attention_dim": 8})
     )
     torch.manual_seed(0)
-    m = Captioner(vocab, {"name": "resnet18", "img_size": 64}, dec, **model_sections())
+    m = Captioner(vocab, encoder_args("resnet18", img_size=64), dec, **model_sections())
     hp = {**m.hparams, "decoder": {**dec, "_target_": old}}
     path = tmp_path / "old.ckpt"
     torch.save({"hyper_parameters": hp, "state_dict": m.state_dict()}, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import encoder_args
 from PIL import Image
 
 from imcap.config import group_section, model_sections
@@ -33,7 +34,7 @@ WORDS = ["a", "red", "blue", "circle", "square", "left", "of"]
 def test_attention_weights_sum_to_one_over_each_encoders_regions(
     name: str, regions: int, width: int, rnn: str
 ) -> None:
-    enc = Encoder(name)
+    enc = Encoder(**encoder_args(name))
     px = enc.data_config["input_size"][-1]
     with torch.no_grad():
         feats = enc(torch.randn(2, 3, px, px), grid=True)
@@ -53,7 +54,7 @@ def tiny_captioner(attention_reg: float) -> Captioner:
         "decoder", "lstm_attention", embed_dim=8, hidden_dim=16, attention_dim=8, dropout=0.0
     )
     sections = model_sections(loss={"attention_reg": attention_reg})
-    return Captioner(vocab, {"name": "resnet18"}, dec, **sections)
+    return Captioner(vocab, encoder_args("resnet18"), dec, **sections)
 
 
 def test_doubly_stochastic_regulariser() -> None:

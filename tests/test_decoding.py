@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import encoder_args
 
 from imcap.config import group_section
 from imcap.model.decoders.show_tell import ShowTellDecoder
@@ -187,7 +188,7 @@ def test_scheduled_sampling_ramp() -> None:
 
     m = Captioner(
         Vocab(list(Vocab.SPECIALS) + ["a"]).to_dict(),
-        {"name": "resnet18"},
+        encoder_args("resnet18"),
         group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
         **model_sections(loss={"ss_prob": 0.4, "ss_ramp_epochs": 4}),
     )

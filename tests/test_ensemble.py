@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEMO_WORDS, cli, demo_checkpoint
+from conftest import DEMO_WORDS, cli, demo_checkpoint, encoder_args
 
 from imcap.config import group_section, model_sections
 from imcap.data.text import Vocab
@@ -114,7 +114,7 @@ def test_members_must_share_vocabulary_and_image_transform(tmp_path: Path) -> No
     words = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS[::-1], max_len=8).to_dict()
     other_vocab = Captioner(
         words,
-        {"name": "resnet18", "img_size": 96},
+        encoder_args("resnet18", img_size=96),
         group_section("decoder", "lstm", embed_dim=8),
         **model_sections(),
     )
@@ -123,7 +123,7 @@ def test_members_must_share_vocabulary_and_image_transform(tmp_path: Path) -> No
     same = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
     other_size = Captioner(
         same,
-        {"name": "resnet18", "img_size": 64},
+        encoder_args("resnet18", img_size=64),
         group_section("decoder", "lstm", embed_dim=8),
         **model_sections(),
     )

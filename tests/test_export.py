@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli
+from conftest import ROOT, cli, encoder_args
 from PIL import Image
 
 from imcap.config import group_section, model_sections
@@ -54,7 +54,7 @@ def tiny_checkpoint(path: Path, decoder: tuple[str, dict]) -> Path:
         dec["attention_dim"] = 32
     model = Captioner(
         vocab.to_dict(),
-        {"name": ENCODER, "img_size": SIZE, "pretrained": False},
+        encoder_args(ENCODER, img_size=SIZE, pretrained=False),
         dec,
         **model_sections(decoding={"max_len": 12}),
     )
@@ -168,7 +168,10 @@ def test_numpy_preprocessing_matches_the_training_transform(tmp_path: Path) -> N
     scene, _ = make_example(0, "val", 0, 96)
     path = tmp_path / "wide.png"
     render(scene, 96).resize((120, 90)).save(path)
-    for enc in (Encoder(img_size=SIZE), Encoder("resnet18", img_size=80)):
+    for enc in (
+        Encoder(**encoder_args("tf_efficientnet_lite0", img_size=SIZE)),
+        Encoder(**encoder_args("resnet18", img_size=80)),
+    ):
         ref = make_transform(enc.data_config)(Image.open(path).convert("RGB")).numpy()
         got = preprocess(path, preprocessing(enc.data_config))
         assert got.shape == ref.shape

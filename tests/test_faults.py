@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, cli_popen, png_header, tiny_overrides
+from conftest import cli, cli_popen, encoder_args, png_header, tiny_overrides
 
 from imcap.errors import UserError
 from imcap.model.checkpoint import load_captioner
@@ -246,7 +246,7 @@ def test_bad_decoding_values_are_one_line(decoding: dict, match: str) -> None:
         sections = model_sections(decoding=decoding)
         Captioner(
             vocab,
-            {"name": "resnet18"},
+            encoder_args("resnet18"),
             group_section("decoder", "lstm", hidden_dim=8, embed_dim=8),
             **sections,
         )

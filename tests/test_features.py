@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import data_config, data_source
+from conftest import data_config, data_source, encoder_args
 from PIL import Image
 
 from imcap.data.images import ImageFiles, make_transform
@@ -36,7 +36,7 @@ def make_images(folder: Path, n: int, size: int = 48) -> list[Path]:
 
 def tiny_encoder(**kw) -> Encoder:
     torch.manual_seed(0)
-    return Encoder("resnet18", img_size=64, **kw)
+    return Encoder(**encoder_args("resnet18", img_size=64, **kw))
 
 
 def test_cache_round_trip_and_hit_runs_no_encoder(tmp_path: Path, monkeypatch) -> None:
@@ -73,11 +73,11 @@ def test_cache_invalidates_when_inputs_change(tmp_path: Path) -> None:
     torch.nn.init.normal_(other_weights.model.conv1.weight)
     changed = [
         ensure_features(
-            Encoder("resnet10t", img_size=64), paths, cache, "toy", num_workers=0
+            Encoder(**encoder_args("resnet10t", img_size=64)), paths, cache, "toy", num_workers=0
         ),  # encoder
         ensure_features(other_weights, paths, cache, "toy", num_workers=0),  # weights
         ensure_features(
-            Encoder("resnet18", img_size=96), paths, cache, "toy", num_workers=0
+            Encoder(**encoder_args("resnet18", img_size=96)), paths, cache, "toy", num_workers=0
         ),  # transform
         ensure_features(tiny_encoder(), paths[:3], cache, "toy", num_workers=0),  # image list
         ensure_features(tiny_encoder(), paths, cache, "toy", grid=True, num_workers=0),  # grid

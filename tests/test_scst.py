@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LEARN, compose_train, run_dir, tiny_overrides
+from conftest import LEARN, compose_train, encoder_args, run_dir, tiny_overrides
 
 from imcap.config import group_section, model_sections
 from imcap.data.text import Vocab
@@ -91,7 +91,7 @@ def test_reward_counts_eos() -> None:
     vocab = Vocab(list(Vocab.SPECIALS) + words, max_len=10).to_dict()
     model = Captioner(
         vocab,
-        {"name": "resnet18"},
+        encoder_args("resnet18"),
         group_section("decoder", "lstm"),
         **model_sections(),
     )

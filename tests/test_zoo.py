@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_WORDS, SHARED_DATA, cli, needs_java
+from conftest import DEMO_WORDS, SHARED_DATA, cli, encoder_args, needs_java
 
 from imcap.config import group_section, model_sections
 from imcap.errors import UserError
@@ -28,7 +28,7 @@ def tuned_lite0(seed: int = 0) -> Captioner:
 
     torch.manual_seed(seed)
     vocab = Vocab(list(Vocab.SPECIALS) + DEMO_WORDS, max_len=8).to_dict()
-    enc = {"name": "tf_efficientnet_lite0", "pretrained": "pypi", "tune_stages": 1, "img_size": 96}
+    enc = encoder_args("tf_efficientnet_lite0", pretrained="pypi", tune_stages=1, img_size=96)
     small = {
         "embed_dim": 16,
         "hidden_dim": 32,

@@ -216,20 +216,47 @@ LEGACY: dict[str, dict[str, Any]] = {  # imcap 0.1's values, then each key as it
         "eos_reward": False,
     },
 }
-_IMAGE_INPUT = {"feature_dropout": 0.0, "feature_norm": "none"}  # before: no normalisation at all
-LEGACY_DECODER: dict[str, dict[str, Any]] = {  # imcap's own decoders, keys added after 0.1
-    "imcap.model.decoders.show_tell.ShowTellDecoder": _IMAGE_INPUT,
-    "imcap.model.decoders.attention.AttentionDecoder": _IMAGE_INPUT,
-    "imcap.model.decoders.topdown.TopDownDecoder": {**_IMAGE_INPUT, "attributes": 0},
+# What imcap's decoder and encoder constructors took for an argument not given, before conf/
+# became the only home of these values: checkpoints saved from Python with part of a section
+# were built with them. `feature_norm` is read off the weights (checkpoints from before it
+# existed have no normalisation; later ones default to batch norm).
+_WORDS = {
+    "rnn": "lstm",
+    "embed_dim": 512,
+    "hidden_dim": 512,
+    "dropout": 0.5,
+    "feature_dropout": 0.0,
+}
+LEGACY_DECODER: dict[str, dict[str, Any]] = {
+    "imcap.model.decoders.show_tell.ShowTellDecoder": {**_WORDS, "num_layers": 1},
+    "imcap.model.decoders.attention.AttentionDecoder": {
+        **_WORDS,
+        "attention_dim": 512,
+        "gate": True,
+    },
+    "imcap.model.decoders.topdown.TopDownDecoder": {
+        **_WORDS,
+        "attention_dim": 512,
+        "attributes": 0,
+    },
+}
+LEGACY_ENCODER = {
+    "name": "tf_efficientnet_lite0",
+    "pretrained": False,
+    "trainable": False,
+    "img_size": None,
+    "crop_pct": 1.0,
+    "tune_stages": 0,
 }
 LEGACY_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
 LEGACY_SCHEDULER = {"_target_": "imcap.model.schedules.warmup_cosine", "_partial_": True}
 LEGACY_ENCODER_LR = 1.0e-5
 
 
-def upgrade_hparams(hp: dict) -> dict:
+def upgrade_hparams(hp: dict, weights: Mapping[str, Any] | None = None) -> dict:
     """Hyperparameters of a checkpoint written before the package layout and the optimizer
-    config changed, in today's form (so older checkpoints keep loading)."""
+    config changed, in today's form (so older checkpoints keep loading). `weights` (its state
+    dict, when at hand) settles what the hyperparameters leave open."""
     hp = dict(hp)
 
     def moved(path: Any) -> Any:
@@ -243,7 +270,14 @@ def upgrade_hparams(hp: dict) -> dict:
             hp[section] = {**keys, **hp[section]}
     if isinstance(hp.get("decoder"), dict):
         dec = {**hp["decoder"], "_target_": moved(hp["decoder"].get("_target_", DEFAULT_DECODER))}
-        hp["decoder"] = {**LEGACY_DECODER.get(dec["_target_"], {}), **dec}
+        if dec["_target_"] in LEGACY_DECODER:
+            if "feature_norm" not in dec:
+                normed = weights is None or any(k.startswith("decoder.feat_norm.") for k in weights)
+                dec["feature_norm"] = "batch" if normed else "none"
+            dec = {**LEGACY_DECODER[dec["_target_"]], **dec}
+        hp["decoder"] = dec
+    if isinstance(hp.get("encoder"), dict):
+        hp["encoder"] = {**LEGACY_ENCODER, **hp["encoder"]}
     if isinstance(hp.get("encoder"), dict) and hp["encoder"].get("tune_stages") is False:
         hp["encoder"] = {**hp["encoder"], "tune_stages": 0}  # once cast, now refused when given
     if isinstance(hp.get("data"), dict) and "loader" in hp["data"]:
@@ -328,7 +362,8 @@ def captioner_from(
         raise UserError(
             f"{p} is not an imcap checkpoint (no vocabulary inside); train one with src/train.py"
         )
-    hp = upgrade_hparams(hp)
+    weights = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else None
+    hp = upgrade_hparams(hp, weights)
     if not trust:
         check_hparams(hp, p)
     hp = {  # a section given in part changes only those keys of the checkpoint's

@@ -50,12 +50,13 @@ class Encoder(nn.Module):
 
     def __init__(
         self,
-        name: str = "tf_efficientnet_lite0",
-        pretrained: bool | str = False,
-        trainable: bool = False,
-        img_size: int | None = None,
-        crop_pct: float | None = 1.0,
-        tune_stages: int = 0,
+        name: str,
+        *,
+        pretrained: bool | str,
+        trainable: bool,
+        img_size: int | None,
+        crop_pct: float | None,
+        tune_stages: int,
         **timm_kwargs: Any,
     ) -> None:
         """`tune_stages=N`: the last N stages of the CNN (and its final 1x1 conv) train while the
