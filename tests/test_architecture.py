@@ -261,3 +261,23 @@ def test_a_checkpoint_recording_its_dataset_by_name_only_gets_that_datasets_conf
         "name": "not_a_dataset_here",
         "root": "/x",
     }
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_a_checkpoint_from_before_feature_norm_loads_with_what_its_weights_hold(
+    tmp_path: Path, norm: str
+) -> None:
+    """Decoders gained feature_norm (default batch) after checkpoints without it were written;
+    such a checkpoint has no normalisation weights, and one saved later from Python without the
+    key has them: the weights say which, and both load (the first used to fail)."""
+    from imcap.model.checkpoint import load_captioner
+
+    vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
+    dec = group_section("decoder", "lstm", hidden_dim=8, embed_dim=8, feature_norm=norm)
+    m = Captioner(vocab, encoder_args("resnet18", img_size=64), dec, **model_sections())
+    hp = {**m.hparams, "decoder": {k: v for k, v in dec.items() if k != "feature_norm"}}
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hp, "state_dict": m.state_dict()}, path)
+    loaded = load_captioner(path)
+    assert loaded.hparams.decoder["feature_norm"] == norm
+    torch.testing.assert_close(loaded.state_dict(), m.state_dict())
