@@ -471,7 +471,7 @@ class ProgressLog(L.Callback):
     every `every_seconds` with the epoch, step, loss and speed, instead of progress-bar
     redraws that fill a log file with hundreds of KB of carriage returns."""
 
-    def __init__(self, every_seconds: float = 30.0) -> None:
+    def __init__(self, every_seconds: float) -> None:
         self.every = float(every_seconds)
         self._last = 0.0
         self._epoch_start = 0.0
