@@ -257,10 +257,13 @@ def test_a_checkpoint_recording_its_dataset_by_name_only_gets_that_datasets_conf
     assert data["root"] == "/data/f8k" and data["source"]["split_source"] == "hash"
     assert "layout_v0" not in data["source"] and "readers" in data["source"]
     assert data_options(data)["batch_size"] == data["batch_size"]  # a whole, valid section
-    assert recorded({"name": "not_a_dataset_here", "root": "/x"}) == {
-        "name": "not_a_dataset_here",
-        "root": "/x",
-    }
+    mine = recorded({"name": "my_set", "root": "/x", "loader": "mypkg.load", "source": {"k": 1}})
+    assert mine["loader"] == "mypkg.load" and mine["source"] == {"k": 1}  # a dataset of your own
+    assert data_options(mine)["eval_batch_size"] >= 1  # _base fills the rest
+    # how a machine loads is never the checkpoint's: a record asking for 100,000 workers gets ours
+    hostile = recorded({**data, "num_workers": 100_000, "eval_batch_size": 10**9})
+    assert hostile["num_workers"] == data["num_workers"] < 100
+    assert hostile["eval_batch_size"] == data["eval_batch_size"] < 10**9
 
 
 @pytest.mark.parametrize("norm", ["none", "batch"])

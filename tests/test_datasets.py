@@ -619,16 +619,20 @@ def test_a_run_reads_its_annotations_once(tmp_path: Path, monkeypatch: pytest.Mo
 def test_data_options_are_the_config_or_the_checkpoint_record() -> None:
     """The data module reads no config file: every data.* key comes from the composed config
     (or a checkpoint's record of it); a missing one is named, a run-scoped one may be absent."""
-    from imcap.pipeline.datamodule import PER_RUN, data_options, recorded_data
+    from imcap.pipeline.datamodule import MACHINE, PER_RUN, data_options, recorded_data
+    from imcap.pipeline.run import recorded
 
     data = data_config("flickr8k")
     assert data_options(data)["batch_size"] == data["batch_size"]
     record = recorded_data(data)  # what build_model saves in the checkpoint
-    assert set(record).isdisjoint(PER_RUN) and record["source"] == data["source"]
-    opts = data_options(record, {"split": "val"})  # eval.py on a checkpoint, no data=
-    assert opts["split"] == "val" and opts["max_eval_images"] is None and opts["cache_dir"] is None
-    with pytest.raises(UserError, match=r"data lacks data\.eval_batch_size.*data=flickr8k"):
-        data_options({k: v for k, v in record.items() if k != "eval_batch_size"})
+    assert set(record).isdisjoint(PER_RUN) and set(record).isdisjoint(MACHINE)
+    assert record["source"] == data["source"]
+    # eval.py on a checkpoint, no data=: the record, completed with how this machine loads
+    opts = data_options(recorded(record, "/tmp/cache"), {"split": "val"})
+    assert opts["split"] == "val" and opts["max_eval_images"] is None
+    assert opts["cache_dir"] == "/tmp/cache" and opts["num_workers"] == data["num_workers"]
+    with pytest.raises(UserError, match=r"data lacks .*data\.eval_batch_size.*data=flickr8k"):
+        data_options(record)
 
 
 # ----------------------------------------------------------------------------- real data

@@ -111,7 +111,7 @@ def test_reward_counts_eos() -> None:
         sc.cfg["eos_reward"] = eos
         sc.cider = scst_reward(refs, eos)
         for max_len in (3, 10):  # 3: the words fill max_len, so <eos> was forced
-            sc.max_len = max_len
+            model.decoding["max_len"] = max_len
             scores[eos, max_len] = float(sc.reward(tokens, [7])[0])
     assert scores[True, 10] > scores[True, 3] + 0.1
     assert scores[False, 10] == pytest.approx(scores[False, 3])

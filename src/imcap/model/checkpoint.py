@@ -266,6 +266,8 @@ def upgrade_hparams(hp: dict, weights: Mapping[str, Any] | None = None) -> dict:
         return _MOVED_CLASSES.get(path, path)
 
     for section, keys in LEGACY.items():  # keys added since: the values that behave as before
+        if hp.get(section) is None:  # not given to an older constructor: its defaults applied
+            hp[section] = {}
         if isinstance(hp.get(section), dict):
             hp[section] = {**keys, **hp[section]}
     if isinstance(hp.get("decoder"), dict):
@@ -283,18 +285,23 @@ def upgrade_hparams(hp: dict, weights: Mapping[str, Any] | None = None) -> dict:
     if isinstance(hp.get("data"), dict) and "loader" in hp["data"]:
         hp["data"] = {**hp["data"], "loader": moved(hp["data"]["loader"])}
     optim = hp.pop("optim", None)
+    if optim is None and "optimizer" not in hp:  # imcap 0.1 built from Python: its defaults
+        optim = {}
     if isinstance(optim, dict):  # {lr, weight_decay, encoder_lr, scheduler, warmup_steps}
         hp["optimizer"] = {
             **LEGACY_OPTIMIZER,
-            "lr": optim.get("lr"),
+            "lr": optim.get("lr", 4.0e-4),
             "weight_decay": optim.get("weight_decay", 0.0),
         }
         hp["encoder_lr"] = optim.get("encoder_lr", LEGACY_ENCODER_LR)
         cosine = optim.get("scheduler", "cosine") == "cosine"
         warmup = optim.get("warmup_steps", 0)
         hp["scheduler"] = {**LEGACY_SCHEDULER, "warmup_steps": warmup} if cosine else None
-    for section in ("scst",):  # sections older checkpoints lack: what they did (no SCST)
-        hp.setdefault(section, dict(LEGACY[section]))
+    if hp.get("optimizer") is None:  # 0.2 built from Python without one: its defaults
+        hp["optimizer"] = {**LEGACY_OPTIMIZER, "lr": 4.0e-4, "weight_decay": 0.0}
+    hp.setdefault("scheduler", {**LEGACY_SCHEDULER, "warmup_steps": 0})
+    if hp.get("encoder_lr") is None:
+        hp["encoder_lr"] = LEGACY_ENCODER_LR
     return hp
 
 
@@ -366,18 +373,15 @@ def captioner_from(
     hp = upgrade_hparams(hp, weights)
     if not trust:
         check_hparams(hp, p)
-    hp = {  # a section given in part changes only those keys of the checkpoint's
-        **hp,
-        **{
-            k: {**hp[k], **v} if isinstance(v, Mapping) and isinstance(hp.get(k), Mapping) else v
-            for k, v in overrides.items()
-        },
-    }
+    hp = {**hp, **{k: _override(hp.get(k), v) for k, v in overrides.items()}}
     # the weights come from the checkpoint; encoder.pretrained stays as the record of where they
     # came from before training (the Encoder loads nothing unless load_pretrained() is called)
     from imcap.model.module import Captioner
 
-    model = Captioner(**hp)
+    try:
+        model = Captioner(**hp)
+    except TypeError as e:  # a section or argument this version does not know or needs
+        raise UserError(f"{p}: its hyperparameters do not fit this imcap: {e}") from None
     try:
         if ckpt.get(zoo.PACKED):
             zoo.fill_provided(model, ckpt, p)
@@ -388,3 +392,13 @@ def captioner_from(
             f"checkpoint {p} does not match its own hyperparameters: {str(e)[:300]}"
         ) from None
     return model.to(map_location).eval()
+
+
+def _override(section: Any, given: Any) -> Any:
+    """A section given in part changes only those keys of the checkpoint's; one naming another
+    `_target_` (or replacing a missing section) stands alone."""
+    if not (isinstance(given, Mapping) and isinstance(section, Mapping)):
+        return given
+    if given.get("_target_", section.get("_target_")) != section.get("_target_"):
+        return dict(given)
+    return {**section, **given}

@@ -25,14 +25,24 @@ from imcap.eval.evaluator import Evaluator, gather_predictions
 from imcap.model import ensemble, optim
 from imcap.model.attributes import AttributeDetector, attribute_targets, attribute_words
 from imcap.model.batch import Batch, DataLink
-from imcap.model.checkpoint import DEFAULT_DECODER, load_captioner  # load_captioner: public here
+from imcap.model.checkpoint import (  # noqa: F401
+    DEFAULT_DECODER,
+    captioner_from,
+    load_captioner,
+    read_checkpoint,
+    upgrade_hparams,
+)
 from imcap.model.decoders.base import CaptionDecoder
 from imcap.model.decoding import Decoded, beam_search, greedy
 from imcap.model.encoder import Encoder, Features
 from imcap.model.ensemble import EnsembleDecoder, EnsembleFeatures
-from imcap.model.scst import SelfCritical
+from imcap.model.scst import BASELINES as SCST_BASELINES  # noqa: F401
+from imcap.model.scst import EOS_WORD, SelfCritical, scst_advantages, scst_reward  # noqa: F401
 
 log = logging.getLogger(__name__)
+# Also importable from here, as before imcap.model.checkpoint and imcap.model.scst held them:
+# load_captioner, read_checkpoint, captioner_from, upgrade_hparams, scst_advantages,
+# scst_reward, EOS_WORD, SCST_BASELINES.
 
 # the keys of each section of conf/model/default.yaml (the one home of their values): a
 # section must be given whole (imcap.config.model_sections() composes them without a run)
@@ -101,7 +111,7 @@ class Captioner(L.LightningModule):
         self._attr_logits: torch.Tensor | None = None  # (B, K) of the last batch, for the loss
         self.loss_cfg, self.decoding, self.scst = hp["loss"], hp["decoding"], hp["scst"]
         check_decoding(self.decoding)
-        self.self_critical = SelfCritical(self.scst, self.vocab, int(self.decoding["max_len"]))
+        self.self_critical = SelfCritical(self.scst, self.vocab, self.decoding)
         self.data_link: DataLink | None = None  # handed over by the data module's setup
         self.evaluator = Evaluator()
         self._preds: list[tuple[str, str]] = []

@@ -31,9 +31,13 @@ def check_scst(cfg: dict[str, Any]) -> None:
 class SelfCritical:
     """The SCST loss of one batch; owns the CIDEr-D reward built from the training references."""
 
-    def __init__(self, cfg: dict[str, Any], vocab: Vocab, max_len: int) -> None:
+    def __init__(self, cfg: dict[str, Any], vocab: Vocab, decoding: dict[str, Any]) -> None:
         check_scst(cfg)
-        self.cfg, self.vocab, self.max_len = cfg, vocab, max_len
+        self.cfg, self.vocab, self.decoding = cfg, vocab, decoding  # decoding: read at each use
+
+    @property
+    def max_len(self) -> int:
+        return int(self.decoding["max_len"])
         self.cider: Callable[[list[list[str]], list[int]], Any] | None = None
 
     def prepare(self, refs: dict[int, list[list[str]]]) -> None:

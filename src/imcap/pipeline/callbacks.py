@@ -35,10 +35,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def __init__(self, preloaded: dict[Path, dict] | None = None) -> None:
         super().__init__()
-        self._preloaded = {Path(p).resolve(): c for p, c in (preloaded or {}).items()}
+        self._preloaded = {Path(p).expanduser().resolve(): c for p, c in (preloaded or {}).items()}
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None):
-        ckpt = self._preloaded.pop(Path(path).resolve(), None) if self._preloaded else None
+        key = Path(path).expanduser().resolve()
+        ckpt = self._preloaded.pop(key, None) if self._preloaded else None
         if ckpt is not None:
             return ckpt
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)

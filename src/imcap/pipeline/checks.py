@@ -49,7 +49,8 @@ def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False, model=None) -
             f"checkpoint not found: {p}. Give ckpt_path=<a .ckpt written by train.py> to resume"
         )
     ckpt = read_checkpoint(p, trust)
-    hp = upgrade_hparams(ckpt.get("hyper_parameters") or {})
+    weights = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), dict) else None
+    hp = upgrade_hparams(ckpt.get("hyper_parameters") or {}, weights)
     if not trust:
         check_hparams(hp, p)
         check_callback_paths(ckpt, p)
@@ -63,8 +64,9 @@ def check_resume_vocab(ckpt_path: str, vocab, trust: bool = False, model=None) -
         )
     if model is None:
         return ckpt
-    for part in ("encoder", "decoder"):
-        theirs, ours = dict(hp.get(part) or {}), dict(model.hparams.get(part) or {})
+    mine = upgrade_hparams({k: dict(model.hparams.get(k) or {}) for k in ("encoder", "decoder")})
+    for part in ("encoder", "decoder"):  # both in today's form (class paths, added keys)
+        theirs, ours = dict(hp.get(part) or {}), dict(mine.get(part) or {})
         theirs.pop("pretrained", None), ours.pop("pretrained", None)  # where weights came from
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         if diff:

@@ -60,6 +60,10 @@ VOCAB_KEYS = ("min_count", "max_len")
 # this machine keeps one is never a checkpoint's to choose). The only data.* values written in
 # Python; every other one comes from the composed config or the checkpoint's record.
 PER_RUN: dict[str, Any] = {"max_train_images": None, "max_eval_images": None, "cache_dir": None}
+# How this machine loads the data, not what the data is: not recorded either (eval.py of a
+# checkpoint from a 64-core GPU box on a laptop uses the laptop's settings, and a checkpoint
+# cannot ask for 100,000 workers).
+MACHINE = ("num_workers", "batch_size", "eval_batch_size", "pin_memory", "gpu_decode")
 
 
 def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = None) -> dict:
@@ -102,8 +106,9 @@ def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = No
 
 def recorded_data(data: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records of its data.*, so eval.py rebuilds the data without a config:
-    every data module option but the PER_RUN ones."""
-    return {k: v for k, v in data_options(data).items() if k not in PER_RUN}
+    every data module option but the PER_RUN and MACHINE ones."""
+    opts = data_options(data)
+    return {k: v for k, v in opts.items() if k not in PER_RUN and k not in MACHINE}
 
 
 def _known(where: str, given: Mapping[str, Any], keys: tuple[str, ...]) -> None:

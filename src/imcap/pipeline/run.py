@@ -25,8 +25,13 @@ from imcap.data.images import (
 from imcap.errors import UserError
 from imcap.model.checkpoint import load_captioner
 from imcap.model.module import Captioner
-from imcap.pipeline.checks import check_metrics_env, check_resume_vocab, check_train_config
-from imcap.pipeline.datamodule import CaptionDataModule, recorded_data
+from imcap.pipeline.checks import (
+    check_callback_paths,  # noqa: F401 (the old path)
+    check_metrics_env,
+    check_resume_vocab,
+    check_train_config,
+)
+from imcap.pipeline.datamodule import MACHINE, CaptionDataModule, recorded_data
 from imcap.pipeline.runtime import (
     apply_decoding_overrides,
     load_models,
@@ -34,7 +39,14 @@ from imcap.pipeline.runtime import (
     plain,
     quiet_known_noise,
 )
-from imcap.pipeline.training import fit, make_trainer, run_facts
+from imcap.pipeline.training import (  # noqa: F401
+    fit,
+    make_callbacks,
+    make_loggers,
+    make_trainer,
+    run_facts,
+    stopped_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +114,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("compile"):
         model.decoder.compile()  # in place: state-dict keys unchanged
     trainer = make_trainer(cfg, out, resume)
+    del resume  # the trainer's checkpoint plugin holds it until the fit takes it
     fit(trainer, model, dm, cfg)
     results = {**run_facts(trainer, dm), "fit_seconds": round(time.perf_counter() - started, 1)}
     results |= score_best(trainer, model, dm, out, test=bool(cfg.get("test")))
@@ -187,7 +200,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise UserError("an ensemble (ckpt_path=[...]) reads raw images: use mode=joint")
     apply_decoding_overrides(model, cfg)
     model.metrics_cfg = plain(cfg.metrics)
-    data = plain(cfg.data) if cfg.get("data") else recorded(dict(model.hparams.get("data") or {}))
+    if cfg.get("data"):
+        data = plain(cfg.data)
+    else:  # the checkpoint's dataset, loaded the way this machine loads
+        cache = f"{cfg.paths.cache_dir}/features" if cfg.get("paths") else None
+        data = recorded(dict(model.hparams.get("data") or {}), cache)
     if not data:
         raise UserError(
             f"{cfg.ckpt_path} records no dataset: pass data=<name> (e.g. data=flickr8k)"
@@ -229,28 +246,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return scores
 
 
-def recorded(data: dict[str, Any]) -> dict[str, Any]:
-    """The data section a checkpoint recorded, whole: one written before checkpoints recorded
-    every option (name, root, loader and source only) gets its dataset's config under what it
-    recorded; a dataset unknown here keeps the record (and the error naming data=)."""
+def recorded(data: dict[str, Any], cache_dir: str | None = None) -> dict[str, Any]:
+    """The data section a checkpoint recorded, completed for this machine: its dataset's config
+    (conf/data/<name>.yaml; data/_base.yaml for a dataset this installation has no config for)
+    gives what the record lacks (options added since it was written) and how this machine loads
+    (workers, batch sizes: never the checkpoint's); the record wins for what describes the data."""
     name = data.get("name")
-    if not name or "batch_size" in data:
+    if not name:
         return data
     from imcap.config import data_section
 
     try:
         base = data_section(str(name))
-    except Exception:  # noqa: BLE001 - not a dataset of this installation's conf/data
-        return data
-    source = {
-        **base["source"],
-        **{k: v for k, v in (data.get("source") or {}).items() if k in base["source"]},
-    }
-    return {
-        **base,
-        **{k: v for k, v in data.items() if k in base and k != "source"},
-        "source": source,
-    }
+    except Exception:  # noqa: BLE001 - a dataset of the user's own (its own loader)
+        base = data_section("_base")
+    known, theirs = base.get("source") or {}, data.get("source") or {}
+    source = {**known, **({k: v for k, v in theirs.items() if k in known} if known else theirs)}
+    kept = {k: v for k, v in data.items() if k in base and k not in MACHINE and k != "source"}
+    out = {**base, **kept, "source": source}
+    if cache_dir:
+        out["cache_dir"] = cache_dir
+    return out
 
 
 # -- caption.py -------------------------------------------------------------------------------
@@ -319,7 +335,7 @@ def save_attention(
     if dec.alphas is None:
         raise UserError(
             "attention=true needs an attention decoder "
-            "(decoder=lstm_attention, gru_attention or topdown); an ensemble draws its first "
+            "(decoder=lstm_attention, gru_attention, topdown or aoa); an ensemble draws its first "
             "checkpoint's maps, so list an attention checkpoint first"
         )
     out.mkdir(parents=True, exist_ok=True)

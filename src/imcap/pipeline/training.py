@@ -17,7 +17,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from imcap.errors import UserError
-from imcap.pipeline.callbacks import AtomicCheckpointIO, ContinueMetrics, ModelSummary, ProgressLog
+from imcap.pipeline.callbacks import (
+    AtomicCheckpointIO,
+    ContinueMetrics,
+    ModelSummary,
+    OverflowGuard,
+    ProgressLog,
+)
 from imcap.pipeline.runtime import plain
 
 log = logging.getLogger(__name__)
@@ -56,10 +62,13 @@ def make_trainer(cfg: DictConfig, out: Path, resume: dict | None = None) -> L.Tr
     checkpoint `ckpt_path` names, already read (the fit takes it from memory, not the disk);
     when it lives in this run's folder the run continues in place (metrics appended)."""
     callbacks, loggers = make_callbacks(cfg), make_loggers(cfg)
+    if not any(isinstance(c, OverflowGuard) for c in callbacks):
+        callbacks.append(OverflowGuard())  # a safety check, on whatever callbacks= says
     extra: dict[str, Any] = {"enable_model_summary": False}  # ModelSummary (ours) replaces it
+    lines = any(isinstance(c, ProgressLog) for c in callbacks)
     if sys.stderr.isatty():  # a terminal: progress bars, not log lines
         callbacks = [c for c in callbacks if not isinstance(c, ProgressLog)]
-    elif "enable_progress_bar" not in cfg.trainer:  # a log file: lines, not bar redraws
+    elif lines and "enable_progress_bar" not in cfg.trainer:  # a log file: lines, not redraws
         extra["enable_progress_bar"] = False
     if "plugins" not in cfg.trainer:  # checkpoints written to a temp file, then renamed
         ckpt = Path(str(cfg.ckpt_path)).expanduser() if resume is not None else None

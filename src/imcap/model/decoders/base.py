@@ -36,8 +36,8 @@ class CaptionDecoder(nn.Module):
 
     uses_grid = False  # needs the spatial feature map (attention) rather than the pooled vector
     exportable = True  # init_state/step trace to ONNX/TorchScript (imcap.model.export)
-    rnn_type = "lstm"
-    hidden_dim = 0
+    rnn_type: str | None = None  # set by `_recurrence`; None on the card when a family does not
+    hidden_dim: int | None = None
     num_layers = 1
 
     def _recurrence(self, rnn: str, table: dict, hidden_dim: int) -> None:
