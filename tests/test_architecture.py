@@ -284,3 +284,27 @@ def test_a_checkpoint_from_before_feature_norm_loads_with_what_its_weights_hold(
     loaded = load_captioner(path)
     assert loaded.hparams.decoder["feature_norm"] == norm
     torch.testing.assert_close(loaded.state_dict(), m.state_dict())
+
+
+@pytest.mark.parametrize("era", ["0.1", "0.2"])
+def test_checkpoints_built_from_python_by_older_releases_still_load(tmp_path: Path, era: str):
+    """Older releases saved the constructor arguments as given: sections left out were None
+    (their defaults applied). Such a file loads, with those defaults, weights intact."""
+    from imcap.model.checkpoint import load_captioner
+
+    vocab = Vocab.build([["a", "b"]], min_count=1, max_len=5).to_dict()
+    dec = group_section("decoder", "lstm", hidden_dim=8, embed_dim=8, dropout=0.5)
+    m = Captioner(vocab, encoder_args("resnet18"), dec, **model_sections())
+    hp = {
+        "vocab": vocab,
+        "encoder": {"name": "resnet18"},
+        "decoder": {"hidden_dim": 8, "embed_dim": 8},
+    }
+    hp |= {"loss": None, "decoding": None, "data": None}
+    hp |= {"optim": None} if era == "0.1" else {"optimizer": None, "scst": None}
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hp, "state_dict": m.state_dict()}, path)
+    loaded = load_captioner(path)
+    torch.testing.assert_close(loaded.state_dict(), m.state_dict())
+    assert loaded.hparams.optimizer["lr"] == 4.0e-4 and loaded.scst["enabled"] is False
+    assert loaded.decoding["beam_size"] == 1 and loaded.hparams.encoder["pretrained"] is False
