@@ -195,7 +195,10 @@ def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
 
 def _compose(config_name: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path (conf/
+        return compose(config_name, overrides=overrides)  # and any --config-dir) is ours
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(config_name, overrides=overrides)
 

@@ -34,11 +34,11 @@ class SelfCritical:
     def __init__(self, cfg: dict[str, Any], vocab: Vocab, decoding: dict[str, Any]) -> None:
         check_scst(cfg)
         self.cfg, self.vocab, self.decoding = cfg, vocab, decoding  # decoding: read at each use
+        self.cider: Callable[[list[list[str]], list[int]], Any] | None = None
 
     @property
     def max_len(self) -> int:
         return int(self.decoding["max_len"])
-        self.cider: Callable[[list[list[str]], list[int]], Any] | None = None
 
     def prepare(self, refs: dict[int, list[list[str]]]) -> None:
         """Build the reward over the training references (once: they do not change)."""
