@@ -257,6 +257,17 @@ def test_a_checkpoint_recording_its_dataset_by_name_only_gets_that_datasets_conf
     assert data["root"] == "/data/f8k" and data["source"]["split_source"] == "hash"
     assert "layout_v0" not in data["source"] and "readers" in data["source"]
     assert data_options(data)["batch_size"] == data["batch_size"]  # a whole, valid section
+    import imcap.config
+
+    asked: list[str] = []
+    real = imcap.config.data_section
+    try:  # a checkpoint's dataset name never reaches Hydra's override grammar or a path
+        imcap.config.data_section = lambda name, *a: asked.append(name) or real("_base")
+        for hostile in ("../../etc/x", "flickr8k,coco", "${oc.env:HOME}", "x hydra.run.dir=/"):
+            assert recorded({"name": hostile, "root": "/x"})["root"] == "/x"
+    finally:
+        imcap.config.data_section = real
+    assert asked == ["_base"] * 4, asked
     mine = recorded({"name": "my_set", "root": "/x", "loader": "mypkg.load", "source": {"k": 1}})
     assert mine["loader"] == "mypkg.load" and mine["source"] == {"k": 1}  # a dataset of your own
     assert data_options(mine)["eval_batch_size"] >= 1  # _base fills the rest

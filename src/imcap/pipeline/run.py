@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -256,8 +257,11 @@ def recorded(data: dict[str, Any], cache_dir: str | None = None) -> dict[str, An
         return data
     from imcap.config import data_section
 
+    # the name picks a config file: only a plain name of this installation's conf/data (a
+    # checkpoint's string never reaches Hydra's override grammar or a path outside conf/)
+    plain_name = re.fullmatch(r"[A-Za-z0-9_-]+", str(name)) and not str(name).startswith("_")
     try:
-        base = data_section(str(name))
+        base = data_section(str(name)) if plain_name else data_section("_base")
     except Exception:  # noqa: BLE001 - a dataset of the user's own (its own loader)
         base = data_section("_base")
     known, theirs = base.get("source") or {}, data.get("source") or {}
