@@ -32,7 +32,7 @@ def train_set_reward(ckpt: str, shared: Path, n: int = 300, samples: int = 5) ->
     refs = model.data_link.train_references()
     rows = sorted(refs)[:n]
     model.self_critical.cider = scst_reward(refs, eos=True)
-    feats = Features(dm.bank["pooled"][rows])
+    feats = Features(dm.bank["pooled"][rows].float())
     torch.manual_seed(0)
     with torch.no_grad():
         tokens, _ = sample(
