@@ -125,7 +125,7 @@ def bench_training(args, device: torch.device, tmp: Path) -> dict:
     if args.compile:
         dec.compile()
     opt = torch.optim.AdamW(dec.parameters(), lr=4e-4, foreach=True)  # as Captioner
-    bank = dm.bank["pooled"].to(device).float()  # the host bank is memory-mapped float16
+    bank = dm.bank["pooled"].to(device).float()  # float32 on the device, whatever the cache stores
     grid_bank = dm.bank["grid"].to(device) if topdown else None
     tokens, rows, lengths = dm.train_tokens.to(device), dm.train_rows.to(device), dm.train_lengths
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
