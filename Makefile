@@ -13,7 +13,7 @@ help: ## show this help
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,demo]"
+	$(PY) -m pip install -e ".[dev,demo,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install imcap with its dev tools and the web demo

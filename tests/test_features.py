@@ -188,7 +188,24 @@ def test_two_step_training_batches_are_gathered_from_the_cache(tmp_path: Path) -
     assert (batch.tokens[:, 0] == dm.vocab.bos_id).all()
     rows = dm.train_rows[idx]
     assert torch.equal(batch.rows, rows) and batch.image_ids == [f"im{r}" for r in rows.tolist()]
-    torch.testing.assert_close(batch.pooled, dm.bank["pooled"][rows])
+    torch.testing.assert_close(batch.pooled, dm.bank["pooled"][rows].float())
+    torch.testing.assert_close(batch.grid, dm.bank["grid"][rows].float())
+
+
+def test_the_feature_bank_stays_memory_mapped_on_the_host(tmp_path: Path) -> None:
+    """A cache larger than RAM must train from the file: the bank shares the memmap's pages
+    (no copy), and a device bank that does not fit is gathered per batch on the host."""
+    from imcap.pipeline.datamodule import bank_fits
+
+    dm = datamodule(tmp_path, records(tmp_path), "two_step")
+    dm.setup("fit")
+    for key, arr in (("pooled", dm.cache.pooled), ("grid", dm.cache.grid)):
+        assert isinstance(arr, np.memmap)
+        assert dm.bank[key].dtype == torch.float16
+        assert np.shares_memory(dm.bank[key].numpy(), arr)  # a view of the file, not a copy
+    gib = 2**30
+    assert bank_fits(gib, torch.device("cuda"), free=4 * gib)
+    assert not bank_fits(3 * gib, torch.device("cuda"), free=4 * gib)
 
 
 def test_captions_per_image_sampler() -> None:
@@ -296,3 +313,112 @@ def test_a_missing_image_file_stops_an_error_run_and_is_skipped_otherwise(tmp_pa
     assert len(load_records("flickr8k", root, **source)) == 3  # skip (default): left out, warned
     with pytest.raises(UserError, match=r"1 image file\(s\) named in .* are missing .*gone.jpg"):
         load_records("flickr8k", root, bad_images="error", **source)
+
+
+# -- sharded extraction (DDP): every process encodes a share, rank 0 assembles one cache ---------
+def test_shards_are_contiguous_runs_of_whole_batches() -> None:
+    from imcap.pipeline.features import shard_rows
+
+    for n, bs, world in ((10, 4, 2), (10, 4, 3), (3, 4, 2), (0, 4, 2), (64, 8, 8), (7, 1, 3)):
+        shards = [shard_rows(n, bs, r, world) for r in range(world)]
+        assert [i for s in shards for i in s] == list(range(n))  # every image once, in order
+        assert all(s.start % bs == 0 for s in shards if len(s))  # batch boundaries kept
+    assert len(shard_rows(3, 4, 0, 2)) == 0 and len(shard_rows(3, 4, 1, 2)) == 3  # 1 batch
+
+
+SHARD_KW = {"grid": True, "batch_size": 4, "num_workers": 0}
+
+
+def _sharded_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    """One DDP process: the scenarios of the sharded-extraction tests, in order, each rank's
+    outcome written to <tmp>/<scenario>_rank<r>.json."""
+    import torch.distributed as dist
+
+    from imcap.pipeline import features
+
+    features.SHARED_WAIT_S = 1.0  # the unshared scenario waits this long for rank 0's folder
+    torch.set_num_threads(1)  # as the single-process reference
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    paths = [Path(p) for p in (Path(tmp) / "paths.txt").read_text().splitlines()]
+    scenarios = {
+        "sharded": {"cache_dir": f"{tmp}/sharded"},
+        "error": {"cache_dir": f"{tmp}/error", "bad_images": "error"},
+        # rank 1's cache folder is not rank 0's (node-local disks): each extracts alone
+        "unshared": {"cache_dir": f"{tmp}/unshared{rank}"},
+    }
+    for name, kw in scenarios.items():
+        try:
+            group = features.process_group()
+            c = ensure_features(tiny_encoder(), paths, dataset="toy", group=group, **kw, **SHARD_KW)
+            out = {"directory": str(c.directory)}
+        except Exception as e:  # noqa: BLE001 - the test reads what each rank saw
+            out = {"error": f"{type(e).__name__}: {e}"}
+        (Path(tmp) / f"{name}_rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """Two gloo processes (spawned) running the scenarios of `_sharded_worker`; 10 images in
+    batches of 4 (rank 0: images 0-3, rank 1: 4-9), image 6 corrupt."""
+    import socket
+
+    tmp = tmp_path_factory.mktemp("sharded")
+    paths = make_images(tmp / "img", 10)
+    paths[6].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp / "paths.txt").write_text("\n".join(map(str, paths)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sharded_worker, args=(2, port, str(tmp)), nprocs=2, join=True)
+    return tmp
+
+
+def _outcome(tmp: Path, name: str) -> list[dict]:
+    return [json.loads((tmp / f"{name}_rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_sharded_extraction_writes_the_single_process_cache(sharded: Path) -> None:
+    paths = [Path(p) for p in (sharded / "paths.txt").read_text().splitlines()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = ensure_features(tiny_encoder(), paths, sharded / "single", "toy", **SHARD_KW)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = _outcome(sharded, "sharded")
+    assert a == b and "error" not in a, (a, b)
+    two = Path(a["directory"])
+    assert two.name == one.directory.name  # the same key
+    for name in ("pooled.f16", "grid.f16", "images.txt"):  # bitwise
+        assert (two / name).read_bytes() == (one.directory / name).read_bytes(), name
+    timing = ("seconds", "images_per_second", "processes")
+    m1 = json.loads((one.directory / "manifest.json").read_text())
+    m2 = json.loads((two / "manifest.json").read_text())
+    assert m2["processes"] == 2 and m2["bad_rows"] == [6] == m1["bad_rows"]  # rank 1's, merged
+    assert {k: v for k, v in m2.items() if k not in timing} == {
+        k: v for k, v in m1.items() if k not in timing
+    }
+    left = sorted(p.name for p in two.parent.iterdir() if not p.name.endswith(".lock"))
+    assert left == [two.name]  # no shard or temporary folder left behind
+
+
+def test_an_error_on_one_rank_stops_every_rank_and_writes_no_cache(sharded: Path) -> None:
+    a, b = _outcome(sharded, "error")
+    # rank 1 read the corrupt image: its own error; rank 0 names rank 1 and that error
+    assert b["error"].startswith("UserError: cannot read image") and "img006" in b["error"]
+    assert a["error"].startswith("UserError: feature extraction failed on rank 1 of 2")
+    assert "img006" in a["error"] and "\n" not in a["error"]
+    folder = sharded / "error" / "toy"
+    assert [p.name for p in folder.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_ranks_that_do_not_share_the_cache_folder_each_extract_alone(sharded: Path) -> None:
+    a, b = _outcome(sharded, "unshared")
+    assert "error" not in a and "error" not in b, (a, b)
+    assert Path(a["directory"]).parent.parent == sharded / "unshared0"
+    assert Path(b["directory"]).parent.parent == sharded / "unshared1"
+    m = json.loads((Path(b["directory"]) / "manifest.json").read_text())
+    assert "processes" not in m and m["bad_rows"] == [6]  # a whole single-process cache

@@ -42,19 +42,53 @@ def run_task(task: str) -> Any:
     """Check the command line, then hand it to Hydra, which composes and calls the task."""
     import hydra
 
+    from imcap.pipeline.hydra_callbacks import FAILED_TRIALS, trial_guard
+
     config_name, target = TASKS[task]
     module, name = target.split(":")
     set_project_root()
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     @cli_errors  # inside hydra.main: Hydra would otherwise print a UserError as a traceback
+    @trial_guard  # a multirun's failing trial is recorded; the other trials go on
     def main(cfg: Any) -> Any:
         return getattr(importlib.import_module(module), name)(cfg)
 
     if task == "train" and not any(a.startswith("-") for a in without_config_dirs(sys.argv[1:])):
         continue_in_place()
+    check_launcher(sys.argv[1:])
     preflight(config_name)  # a misspelt key: one line naming it and the valid ones
-    return main()
+    result = main()
+    if FAILED_TRIALS:  # a sweep that lost trials must not look like a success to a script
+        jobs = ", ".join(
+            f"{r['job']} ({r['overrides'] or 'no swept value'})" for r in FAILED_TRIALS
+        )
+        summary = Path(FAILED_TRIALS[0]["sweep_dir"]) / "summary.md"
+        print(
+            f"error: {len(FAILED_TRIALS)} trial(s) failed: {jobs}; see {summary}", file=sys.stderr
+        )
+        sys.exit(1)
+    return result
+
+
+SUBMITIT_LAUNCHERS = ("slurm", "local", "submitit_slurm", "submitit_local")
+
+
+def check_launcher(argv: list[str]) -> None:
+    """`hydra/launcher=slurm|local` without hydra-submitit-launcher installed: one line naming
+    the extra to install (Hydra would say only that `submitit_slurm` is not found)."""
+    import importlib.util
+
+    chosen = [a.split("=", 1)[1] for a in argv if a.lstrip("+~").startswith("hydra/launcher=")]
+    if not any(c in SUBMITIT_LAUNCHERS for c in chosen):
+        return
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        print(
+            f"error: hydra/launcher={chosen[-1]} needs hydra-submitit-launcher: "
+            'pip install -e ".[cluster]" (or: pip install "imcap[cluster]")',
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def continue_in_place() -> None:

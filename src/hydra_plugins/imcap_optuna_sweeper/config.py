@@ -15,7 +15,9 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.imcap_optuna_sweeper.sweeper.OptunaSweeper"
     direction: str = "maximize"  # or minimize
     n_trials: int = 20
-    n_jobs: int = 1  # trials launched together per batch (the launcher runs them)
+    # trials launched together per batch: in parallel with hydra/launcher=local or slurm (one
+    # submitit job array per batch); one after another with the basic launcher
+    n_jobs: int = 1
     study_name: Optional[str] = None  # noqa: UP045
     storage: Optional[str] = None  # noqa: UP045 - e.g. sqlite:///optuna.db to resume or share a study
     sampler: Dict[str, Any] = field(  # noqa: UP006

@@ -101,20 +101,31 @@ class OptunaSweeper(Sweeper):
                 + tuple(f"{k}={t.params[k]}" for k in space)
                 for t in trials
             ]
+            # n_jobs trials at once: one launch, which submitit runs as one job array
             results = self.launcher.launch(batch, initial_job_idx=done)
-            for trial, ret in zip(trials, results, strict=True):
-                try:
-                    value = ret.return_value  # re-raises the job's exception
-                except Exception as e:  # noqa: BLE001 - a failed trial must not end the study
-                    log.warning("trial %d failed: %s", trial.number, e)
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    continue
-                if value is None:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                else:
-                    study.tell(trial, float(value))
+            for i, (trial, ret) in enumerate(zip(trials, results, strict=True)):
+                self._tell(study, trial, ret, job=done + i)
             done += len(trials)
         self._write_results(study)
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: Any, job: int) -> None:
+        """Record one trial's result; a failed trial is marked FAIL with its reason and the
+        study goes on (imcap's trial_guard returns a TrialFailure instead of raising)."""
+        from imcap.pipeline.hydra_callbacks import TrialFailure
+
+        trial.set_user_attr("job", job)
+        try:
+            value = ret.return_value  # re-raises the job's exception (a task without the guard)
+        except Exception as e:  # noqa: BLE001 - a failed trial must not end the study
+            value = TrialFailure(tuple(ret.overrides or ()), f"{type(e).__name__}: {e}")
+        if value is None:
+            value = TrialFailure((), "the run returned no value for the optimized metric")
+        if isinstance(value, TrialFailure):
+            log.warning("trial %d (job %d) failed: %s", trial.number, job, value.error)
+            trial.set_user_attr("error", value.error)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, float(value))
 
     def _write_results(self, study: optuna.Study) -> None:
         out = Path(self.config.hydra.sweep.dir)
@@ -127,5 +138,18 @@ class OptunaSweeper(Sweeper):
         }
         if completed:
             result |= {"best_params": study.best_params, "best_value": study.best_value}
+        result["trials"] = [  # every trial: its job folder, values and state (FAIL: why)
+            {
+                "number": t.number,
+                "job": t.user_attrs.get("job"),
+                "state": t.state.name,
+                "value": t.value,
+                "params": t.params,
+                **({"error": t.user_attrs["error"]} if "error" in t.user_attrs else {}),
+            }
+            for t in study.trials
+        ]
         OmegaConf.save(OmegaConf.create(result), out / "optimization_results.yaml")
-        log.info("best: %s", result)
+        failed = sum(t["state"] == "FAIL" for t in result["trials"])
+        best = {k: v for k, v in result.items() if k.startswith("best")}
+        log.info("best: %s (%d failed trial(s); every trial in %s)", best, failed, out)

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ SOURCE_KEYS = (
     "image_dir",  # optional: the image folder, instead of image_dirs
     "split_source",  # auto | a split source
     "split_order",  # the split sources split_source=auto tries, in order
+    "group_by",  # optional: a record attribute (nocaps: domain) eval.py also scores per value of
+    "evaluation_only",  # optional: an evaluation-only dataset's advice on what to train on
 )
 
 
@@ -76,6 +79,44 @@ def available_splits(records: Iterable[ImageRecord]) -> list[str]:
     """The splits that have at least one record, in train/val/test order."""
     present = {r.split for r in records}
     return [s for s in SPLITS if s in present]
+
+
+def training_refusal(name: str, root: str | Path, source: Mapping[str, Any]) -> str:
+    """Why a dataset has nothing to train on, and the fix: an evaluation-only one
+    (data.source.evaluation_only, e.g. nocaps) says what to train on instead."""
+    advice = source.get("evaluation_only")
+    if advice:
+        title = source.get("title") or name
+        return f"{title} is for evaluation only: it has no training split; fix: {advice}"
+    return f"dataset '{name}' at {root} has no training images"
+
+
+# COCO's image file names carry the image id: COCO_val2014_000000391895.jpg, 000000391895.jpg
+_ID_NAME = re.compile(r"^(?:COCO_[A-Za-z]+\d*_)?0*(\d+)\.[A-Za-z]+$")
+
+
+def folder_records(root: str | Path, images: Any = None, name: str = "images") -> list[ImageRecord]:
+    """Images without captions (a folder, glob or list: `images`, else `root`) as a `test`
+    split, so eval.py `images=<folder>` captions them the way it captions a dataset's split. A
+    file named the way COCO names its images carries that id (`attributes["id"]`), so the
+    results file of COCO's test2014 folder is in the caption server's format."""
+    from imcap.data.images import list_images  # (torch and PIL: only when a folder is read)
+
+    paths = list_images(images if images not in (None, "") else str(root))
+    unique = len({p.name for p in paths}) == len(paths)  # else two cat.jpg: ids are paths
+    records = []
+    for p in paths:
+        m = _ID_NAME.match(p.name)
+        records.append(
+            ImageRecord(
+                image_id=p.name if unique else str(p),
+                path=p,
+                split="test",
+                attributes={"id": str(int(m.group(1)))} if m else {},
+            )
+        )
+    log.info("%s: %d images without captions from %s", name, len(records), images or root)
+    return records
 
 
 def describe_layout(ctx: Context) -> str:
@@ -254,6 +295,7 @@ def _assemble(
                     path=path,
                     captions=src.captions[image_id],
                     split=splits[image_id],
+                    attributes=dict(src.attributes.get(image_id, {})),
                 )
             )
         else:

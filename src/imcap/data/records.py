@@ -16,3 +16,7 @@ class ImageRecord:
     path: Path
     captions: list[str] = field(default_factory=list)
     split: str = "train"  # train | val | test
+    # what the annotation file says of the image besides its captions, e.g. nocaps' `domain`
+    # (data.source.group_by names one: eval.py scores each of its values as a corpus too) and
+    # `id`, the integer id a caption server knows it by when image_id is something else
+    attributes: dict[str, str] = field(default_factory=dict)

@@ -8,6 +8,7 @@ start, reused across validations, stopped at teardown) has one owner.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ class Evaluator:
             "spice": False,
         }
         self._scorer = None
+        # split -> image id -> group (eval.py, from data.source.group_by): scored per group too
+        self.groups: dict[str, dict[str, str]] = {}
         if cfg is not None:
             self.configure(cfg)
 
@@ -49,18 +52,42 @@ class Evaluator:
             self._scorer = wanted
         return self._scorer
 
+    def group_by(self, split: str, groups: Mapping[str, str]) -> None:
+        """Score `split` per group too (image id -> group, e.g. nocaps' domain): each group as a
+        corpus of its own, under `<group>/<metric>` beside the overall scores."""
+        self.groups[split] = dict(groups)
+
     def score(
         self, preds: Mapping[str, str], refs: Mapping[str, list], split: str, final: bool
     ) -> dict[str, float]:
-        """Scores of `preds` (image id -> caption) on the images that have a caption."""
+        """Scores of `preds` (image id -> caption) on the images that have a caption and
+        references; `num_images` is how many were scored. A split with no references at all
+        (nocaps test, a folder of images) has no scores: only `num_images`, of those captioned."""
         missing = set(refs) - set(preds)
         if missing:
             log.warning(
                 "%d %s images have no caption (bad images?); scoring the rest", len(missing), split
             )
-            refs = {k: v for k, v in refs.items() if k in preds}
-        scores = self.scorer(final=final)(dict(preds), dict(refs))
+        refs = {k: v for k, v in refs.items() if k in preds and v}
+        if not preds:  # every image unreadable: nothing to score (the caller says so)
+            return {"num_images": 0.0}
+        if not refs:
+            log.info("%s: no reference captions, so no scores (%d captioned)", split, len(preds))
+            return {"num_images": float(len(preds))}
+        unreferenced = len(preds) - len(refs)
+        if unreferenced:
+            log.warning(
+                "%d %s images have no reference captions; scoring the %d that do",
+                unreferenced,
+                split,
+                len(refs),
+            )
+        preds = {k: preds[k] for k in refs}
+        groups = self.groups.get(split) or {}
+        scores = self.scorer(final=final)(preds, refs, groups=groups)
         scores["num_images"] = float(len(preds))
+        for group, n in sorted(Counter(groups[k] for k in preds if k in groups).items()):
+            scores[f"{group}/num_images"] = float(n)
         return scores
 
     def close(self) -> None:

@@ -344,10 +344,18 @@ class CaptionScorer:
         )
 
     def __call__(
-        self, preds: Mapping[Any, str], refs: Mapping[Any, Sequence[str]]
+        self,
+        preds: Mapping[Any, str],
+        refs: Mapping[Any, Sequence[str]],
+        groups: Mapping[Any, str] | None = None,
     ) -> dict[str, float]:
         """Scores keyed by `self.metrics`. `preds`: image id -> caption ("" allowed); `refs`: the
-        same ids -> non-empty list of reference captions."""
+        same ids -> non-empty list of reference captions.
+
+        `groups` (image id -> group name, e.g. nocaps' domain; ids absent: in no group) adds
+        each group's scores as `<group>/<metric>`, the group scored as a corpus of its own
+        (CIDEr's document frequencies, BLEU's counts over that group's images only), exactly as
+        the toolkit scores that subset; captions are tokenized once for all."""
         ids = _check_inputs(preds, refs)
         ref_lists = [list(refs[i]) for i in ids]
         hyps = [preds[i] or "" for i in ids]
@@ -360,17 +368,37 @@ class CaptionScorer:
         for k, rs in enumerate(ref_lists):  # the toolkit's dicts, keyed 0..N-1 in `refs` order
             gts[k], res[k] = flat[start : start + len(rs)], [hyps[k]]
             start += len(rs)
+        spice = _spice(self.java, gts, hyps, self.timeout) if self.spice else None
+        scores = self._corpus(gts, res, list(gts), spice)
+        members: dict[str, list[int]] = {}
+        for k, i in enumerate(ids):
+            group = (groups or {}).get(i)
+            if group is not None:
+                members.setdefault(str(group), []).append(k)
+        for group, keys in sorted(members.items()):
+            sub = self._corpus({k: gts[k] for k in keys}, {k: res[k] for k in keys}, keys, spice)
+            scores |= {f"{group}/{name}": value for name, value in sub.items()}
+        return scores
 
+    def _corpus(
+        self,
+        gts: dict[int, list[str]],
+        res: dict[int, list[str]],
+        keys: list[int],
+        spice: list[float] | None,
+    ) -> dict[str, float]:
+        """The toolkit's scores of one corpus of tokenized captions (SPICE: the mean of the
+        images' own scores, computed once for every image)."""
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         scores = {f"BLEU-{n}": float(b) for n, b in enumerate(bleu, 1)}
         if self._meteor is not None:
-            scores["METEOR"] = self._meteor.score([gts[k] for k in gts], hyps)
+            scores["METEOR"] = self._meteor.score([gts[k] for k in keys], [res[k][0] for k in keys])
         scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
         # Cider asserts on a corpus whose references have no words at all; every vector is zero then.
         has_words = any(r.split() for rs in gts.values() for r in rs)
         scores["CIDEr"] = float(Cider().compute_score(gts, res)[0]) if has_words else 0.0
-        if self.spice:
-            scores["SPICE"] = _spice(self.java, gts, hyps, self.timeout)
+        if spice is not None:
+            scores["SPICE"] = float(np.mean([spice[k] for k in keys]))
         return scores
 
     def close(self) -> None:
@@ -437,10 +465,13 @@ def check_spice(java: str | None) -> None:
         )
 
 
-def _spice(java: str | None, gts: dict[int, list[str]], hyps: list[str], timeout: float) -> float:
-    """pycocoevalcap's Spice (same jar and flags, mean of per-image 'All' F-scores), with its
-    input and output files in a private temp dir instead of site-packages, and without `-cache`:
-    its LMDB cache is shared state, and its FST serializer fails on Java 17+."""
+def _spice(
+    java: str | None, gts: dict[int, list[str]], hyps: list[str], timeout: float
+) -> list[float]:
+    """pycocoevalcap's Spice (same jar and flags; its score is the mean of these per-image 'All'
+    F-scores, in `gts` order), with its input and output files in a private temp dir instead of
+    site-packages, and without `-cache`: its LMDB cache is shared state, and its FST serializer
+    fails on Java 17+."""
     with tempfile.TemporaryDirectory(prefix="imcap-spice-") as tmp:
         src, out = Path(tmp, "in.json"), Path(tmp, "out.json")
         src.write_text(
@@ -479,4 +510,5 @@ def _spice(java: str | None, gts: dict[int, list[str]], hyps: list[str], timeout
         except (TypeError, ValueError):
             return math.nan
 
-    return float(np.mean([f(item) for item in results]))
+    by_id = {item.get("image_id"): f(item) for item in results}
+    return [by_id.get(k, math.nan) for k in gts]

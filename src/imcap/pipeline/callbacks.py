@@ -8,6 +8,8 @@ import functools
 import json
 import logging
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -55,14 +57,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+class Requeue(SIGTERMException):
+    """The fit stopped at a batch boundary because SLURM announced the end of the job's time
+    (its requeue signal, `sbatch --signal=SIGUSR1@90`): last.ckpt is saved, the job requeued."""
+
+
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint whose `last.ckpt` is the latest epoch, always.
 
     Lightning writes `last.ckpt` only when a top-k checkpoint was saved in the same step, so
     after the best epoch it stops moving and a resume after kill -9 would lose every epoch since
     the last improvement. Here it is rewritten after every validation, and also when the run is
-    stopped by SIGTERM (preemption, scancel) or Ctrl-C, so a resume loses at most the epoch in
-    progress."""
+    stopped by SIGTERM (preemption, scancel), Ctrl-C or SLURM's requeue signal
+    (`watch_requeue`), so a resume loses at most the epoch in progress."""
+
+    requeue_job: str | None = None  # the SLURM job to requeue on the signal (watch_requeue)
+    requeued: bool = False  # scontrol requeue succeeded
+    _requeue_asked = False
+
+    def watch_requeue(self, signum: int, job_id: str) -> None:
+        """SLURM's requeue signal (`--signal=SIGUSR1@90`: 90 s before the time limit) only
+        marks the request; at the next training batch boundary every rank agrees on it, the fit
+        stops, last.ckpt is saved and rank 0 runs `scontrol requeue <job>`. The job then runs its
+        script again, which continues from last.ckpt in the same run directory
+        (`training.requeued_checkpoint`). Lightning's own handler, switched off for this
+        (`SLURMEnvironment(auto_requeue=False)`), saves `hpc_ckpt_*.ckpt` inside the signal
+        handler, which may run in the middle of a step or of a collective (Lightning #21406)."""
+        self.requeue_job = job_id
+        signal.signal(signum, self._on_requeue_signal)
+
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        self._requeue_asked = True  # acted on at a batch boundary, never inside the handler
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.requeue_job is None:
+            return
+        # every rank reaches this point once per batch: the decision is the same everywhere
+        if trainer.strategy.reduce_boolean_decision(self._requeue_asked, all=False):
+            self._requeue_asked = False
+            raise Requeue()
 
     # Lightning saves in on_train_epoch_end when validation runs once per epoch, else in
     # on_validation_end; after whichever it used, last.ckpt is written if it was not just now.
@@ -83,14 +124,34 @@ class Checkpoint(ModelCheckpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or not self.save_last:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
             return
-        if trainer.state.fn != "fit" or self.dirpath is None:
-            return
-        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)  # mid-epoch state: the resume restarts that epoch
-        self.last_model_path = str(path)
-        log.warning("stopped (%s): saved %s", type(exception).__name__, path)
+        if self.save_last and trainer.state.fn == "fit" and self.dirpath is not None:
+            path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)  # mid-epoch state: the resume restarts that epoch
+            self.last_model_path = str(path)
+            log.warning("stopped (%s): saved %s", type(exception).__name__, path)
+        if isinstance(exception, Requeue) and trainer.is_global_zero:
+            self.requeued = requeue_slurm_job(str(self.requeue_job))  # after the save
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """`scontrol requeue <job>`: SLURM stops the job and queues it again (its script then
+    runs from the start). False, with a line saying how to go on, when that fails."""
+    try:
+        rc = subprocess.call(["scontrol", "requeue", job_id])
+    except OSError as e:
+        rc = e.strerror or e
+    if rc == 0:
+        log.warning("requeued SLURM job %s", job_id)
+        return True
+    log.error(
+        "could not requeue SLURM job %s (scontrol requeue: %s); continue the run in a new job "
+        "with resume=<its run directory> (last.ckpt is saved)",
+        job_id,
+        rc,
+    )
+    return False
 
 
 class ModelSummary(LightningModelSummary):

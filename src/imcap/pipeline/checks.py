@@ -24,6 +24,11 @@ def check_train_config(cfg: DictConfig) -> None:
         raise UserError(
             "a trainable / fine-tuned encoder needs mode=joint (two_step trains on frozen features)"
         )
+    source = (cfg.get("data") or {}).get("source") or {}
+    if source.get("evaluation_only"):  # nocaps: say what to train on before reading anything
+        from imcap.data.datasets import training_refusal
+
+        raise UserError(training_refusal(cfg.data.name, cfg.data.root, plain(source)))
     if cfg.get("resume") and not cfg.get("ckpt_path"):
         raise UserError(
             "resume= is turned into overrides by the entry point (src/train.py); in code, compose "

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from imcap.data.datasets import training_refusal
 from imcap.data.images import (
     ImageBytes,
     ImageFiles,
@@ -47,7 +48,7 @@ from imcap.data.text import Vocab, tokenize
 from imcap.errors import UserError
 from imcap.model.batch import Batch, DataLink
 from imcap.model.encoder import Encoder
-from imcap.pipeline.features import CachedFeatures, ensure_features
+from imcap.pipeline.features import CachedFeatures, ensure_features, process_group
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,10 @@ def collate_pairs(items: list) -> dict[str, Any]:
 class CaptionDataModule(L.LightningDataModule):
     """Records -> vocabulary -> (cached features | images) -> batches."""
 
+    # False: only scores a trained model (eval.py), so a dataset without a training split
+    # (nocaps, a folder of images) is fine; training needs one, and says so naming the fix
+    needs_train: bool = True
+
     def __init__(
         self,
         *,
@@ -368,8 +373,8 @@ class CaptionDataModule(L.LightningDataModule):
             if self.max_eval_images:
                 for s in ("val", "test"):
                     by_split[s] = by_split[s][: self.max_eval_images]
-            if not by_split["train"]:
-                raise UserError(f"dataset '{self.name}' at {self.root} has no training images")
+            if not by_split["train"] and self.needs_train:
+                raise UserError(training_refusal(self.name, self.root, self.source))
             self.records = by_split
             sizes = ", ".join(f"{s} {len(v)}" for s, v in by_split.items())
             log.info("dataset %s (%s): %s images", self.name, self.root, sizes)
@@ -421,8 +426,10 @@ class CaptionDataModule(L.LightningDataModule):
         return [r for s in self._splits_in_use() for r in self.load_records()[s]]
 
     def prepare_data(self) -> None:
-        """Two-step: extract features once (rank 0 only, under DDP)."""
-        if self.mode == "two_step":
+        """Two-step: extract features once. Under DDP Lightning calls this on one process per
+        node, where no collective can run, so the extraction waits for `setup`: there every
+        process encodes its share of the images (`_ensure_cache`)."""
+        if self.mode == "two_step" and process_group() is None:
             self._ensure_cache()
 
     def _ensure_cache(self) -> CachedFeatures:
@@ -452,6 +459,7 @@ class CaptionDataModule(L.LightningDataModule):
                     num_workers=self.num_workers,
                     bad_images=self.bad_images,
                     precision=self.extract_precision,
+                    group=process_group(),  # DDP: every process extracts a shard (from setup)
                 )
             if self.cache.bad and self.bad_images == "error":  # also when the cache is warm
                 paths = [str(self._all_records()[i].path) for i in sorted(self.cache.bad)[:3]]
@@ -478,11 +486,13 @@ class CaptionDataModule(L.LightningDataModule):
         if self.mode == "two_step":
             cache = self._ensure_cache()
             bad = cache.bad
-            # Whole cache in memory (float16 grids stay float16 until gathered).
-            self.bank["pooled"] = torch.from_numpy(np.asarray(cache.pooled, dtype=np.float32))
-            if self.grid:  # stays memory-mapped (float16) on the CPU; copied once to a GPU
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write
+            # Both arrays stay memory-mapped float16 on the host: a batch gathers its rows (the
+            # OS pages them in and may drop them again), so a cache larger than RAM trains
+            # without being loaded; float32 only per batch. See `_device_bank_for`.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write
+                self.bank["pooled"] = torch.from_numpy(cache.pooled)
+                if self.grid:
                     self.bank["grid"] = torch.from_numpy(cache.grid)
         # Training captions, pre-encoded once: (P, L) ids, their lengths and image rows.
         tokens, rows = [], []
@@ -493,7 +503,7 @@ class CaptionDataModule(L.LightningDataModule):
             for c in r.captions:
                 tokens.append(encode_caption(self.vocab, c))
                 rows.append(row)
-        if not tokens:
+        if not tokens and self.needs_train:
             raise UserError(f"dataset '{self.name}' at {self.root}: no usable training captions")
         self.train_tokens = pad_tokens(tokens, self.vocab.pad_id, self.vocab.max_len + 2)  # (P, L)
         self.train_lengths = torch.tensor([len(t) for t in tokens])  # (P,)
@@ -625,21 +635,38 @@ class CaptionDataModule(L.LightningDataModule):
     def _ids(self, rows: torch.Tensor) -> list[str]:
         return [self.image_ids[i] for i in rows.tolist()]
 
-    def _on(self, key: str, device: torch.device) -> torch.Tensor:
-        """A feature-bank tensor on `device`, moved there once."""
-        t = self._device_bank.get(key)
-        if t is None or t.device != device:
-            t = self.bank[key].to(device)
-            self._device_bank[key] = t
-        return t
+    def _gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """The bank rows of a batch, float32 on the rows' device. On an accelerator the whole
+        bank is copied there once when it fits (`bank_fits`); otherwise each batch's rows are
+        gathered on the host and only they move."""
+        device = rows.device
+        if device.type == "cpu":
+            return self.bank[key][rows].float()
+        if key not in self._device_bank:
+            host = self.bank[key]
+            fits = bank_fits(host.numel() * host.element_size(), device)
+            self._device_bank[key] = host.to(device) if fits else None
+            if not fits:
+                log.info(
+                    "feature %s (%.1f GiB) does not fit beside training on %s: gathering each "
+                    "batch on the host",
+                    key,
+                    host.numel() * host.element_size() / 2**30,
+                    device,
+                )
+        bank = self._device_bank[key]
+        if bank is None:
+            picked = self.bank[key][rows.cpu()]
+            return picked.pin_memory().to(device, non_blocking=True).float()
+        return bank[rows].float()
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Two-step: gather the cached features of the batch's images on the device."""
         if self.mode != "two_step" or batch.images is not None:
             return batch
-        rows, device = batch.rows, batch.rows.device
-        pooled = self._on("pooled", device)[rows]  # (B, C)
-        grid = self._on("grid", device)[rows].float() if self.grid else None  # (B, R, C')
+        rows = batch.rows
+        pooled = self._gather("pooled", rows)  # (B, C)
+        grid = self._gather("grid", rows) if self.grid else None  # (B, R, C')
         if self.blind:
             pooled = torch.zeros_like(pooled)
             grid = torch.zeros_like(grid) if grid is not None else None
@@ -657,6 +684,17 @@ class CaptionDataModule(L.LightningDataModule):
 
     def load_image(self, path: str | Path) -> torch.Tensor:
         return make_transform(self.encoder.data_config)(load_image(path))
+
+
+DEVICE_BANK_SHARE = 0.5  # of the accelerator's free memory: the rest is for training itself
+
+
+def bank_fits(nbytes: int, device: torch.device, free: int | None = None) -> bool:
+    """Whether a feature bank of `nbytes` should live on `device` (copied once) rather than
+    be gathered on the host per batch: when it takes at most half the free device memory."""
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return nbytes <= DEVICE_BANK_SHARE * free
 
 
 class _Subset(Dataset):

@@ -157,14 +157,38 @@ def score_best(
 
 
 def write_captions(path: Path, preds: dict[str, str], dm: CaptionDataModule, split: str) -> None:
+    """Every image's caption with its references (and what the annotations say of it, e.g.
+    nocaps' domain and id), keyed by the dataset's own image ids."""
     if not preds:
         return
-    refs = dm.references(split)
-    rows = [
-        {"image_id": i, "caption": c, "references": refs.get(i, [])}
-        for i, c in sorted(preds.items())
-    ]
+    records = {r.image_id: r for r in dm.require_split(split)}
+    rows = []
+    for i, c in sorted(preds.items()):
+        r = records.get(i)
+        attrs = {k: v for k, v in (r.attributes if r else {}).items() if k not in ROW_KEYS}
+        rows.append({"image_id": i, **attrs, "caption": c, "references": r.captions if r else []})
     path.write_text(json.dumps(rows, indent=1))
+
+
+ROW_KEYS = ("image_id", "caption", "references")
+
+
+def results_rows(preds: dict[str, str], ids: dict[str, str]) -> list[dict[str, Any]] | None:
+    """Captions in the results format of the COCO caption server, pycocoevalcap's `loadRes` and
+    nocaps' EvalAI: `[{"image_id": int, "caption": str}]`, one per image, by id. `ids` maps an
+    image id to the id the server knows (nocaps: `attributes["id"]`; COCO: the image id
+    itself). None when an id is not an integer (Flickr's are file names): no server reads those."""
+    rows = []
+    for image_id, caption in preds.items():
+        server_id = str(ids.get(image_id, image_id))
+        if not (server_id.isascii() and server_id.isdigit()):
+            return None
+        rows.append({"image_id": int(server_id), "caption": caption})
+    rows.sort(key=lambda r: r["image_id"])
+    if len({r["image_id"] for r in rows}) != len(rows):
+        log.warning("two images share an integer id: no results file written")
+        return None
+    return rows
 
 
 def summary(out: Path, ckpt: str | None, results: dict, samples: Path | None) -> None:
@@ -191,7 +215,11 @@ def summary(out: Path, ckpt: str | None, results: dict, samples: Path | None) ->
 
 # -- eval.py ----------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Score a checkpoint on a split: metrics JSON + per-image captions JSON."""
+    """Score a checkpoint on a split: metrics JSON, per-image captions JSON and, where the
+    dataset's image ids are integers (COCO, nocaps), the caption servers' results file. A
+    grouped dataset (data.source.group_by, nocaps' domain) is also scored per group. A split
+    without references (nocaps test, `images=<folder>`) gets captions and the results file
+    only, with a note saying why there are no scores."""
     quiet_known_noise()
     out = output_dir(cfg)
     check_metrics_env(cfg)
@@ -201,6 +229,106 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise UserError("an ensemble (ckpt_path=[...]) reads raw images: use mode=joint")
     apply_decoding_overrides(model, cfg)
     model.metrics_cfg = plain(cfg.metrics)
+    if cfg.get("images"):
+        if cfg.get("data"):
+            raise UserError(
+                "give data=<name> (a dataset's split, scored) or images=<folder> (images without "
+                "captions: captioned, not scored), not both"
+            )
+        data = folder_data(cfg)
+        split, label = "test", safe_stem(str(cfg.get("split") or data["name"]))
+    else:
+        data = eval_data(cfg, model)
+        split = cfg.get("split") or data.get("split") or "test"
+        label = safe_stem(str(split))
+    dm = CaptionDataModule.for_model(data, model, cfg.get("mode", "joint"), split=split)
+    dm.needs_train = False  # nocaps or a folder have no training split: scoring needs none
+    records = dm.require_split(split)
+    group_by = (data.get("source") or {}).get("group_by")
+    if group_by:
+        groups = {r.image_id: r.attributes[group_by] for r in records if group_by in r.attributes}
+        if not groups:
+            log.warning("no %s image has a %s: no per-%s scores", split, group_by, group_by)
+        model.evaluator.group_by(split, groups)
+    trainer = L.Trainer(
+        accelerator=cfg.get("accelerator", "auto"),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+    )
+    trainer.test(model, datamodule=dm, verbose=False)
+    scores, preds = model.scores[split], model.predictions[split]
+    if not preds:
+        raise UserError(
+            f"none of the {len(records)} {split} images of {dm.name} could be read (see the "
+            "warnings above): nothing to caption; fix or restore the image files"
+        )
+    metrics_path, captions_path = out / f"metrics_{label}.json", out / f"captions_{label}.json"
+    write_captions(captions_path, preds, dm, split)
+    rows = results_rows(preds, {r.image_id: r.attributes.get("id", r.image_id) for r in records})
+    results_path = (
+        out / f"captions_{label}_{safe_stem(cfg.get('results_name') or 'imcap')}_results.json"
+    )
+    if rows is not None:
+        results_path.write_text(json.dumps(rows))
+    from imcap.eval.metrics import metric_names
+
+    scored = any(k in scores for k in metric_names())
+    note = None
+    if not scored:
+        where = f"the images in {data['root']}" if cfg.get("images") else f"{dm.name} {split}"
+        server = f" (a caption server scores {results_path.name})" if rows is not None else ""
+        note = f"no scores: no reference captions for {where}{server}"
+    result = {
+        "checkpoint": [str(p) for p in ckpts] if isinstance(ckpts, list) else str(ckpts),
+        "split": label,
+        "dataset": dm.name,
+        "decoding": model.decoding,
+        "scores": {k: v for k, v in scores.items() if "/" not in k},
+        "metrics": {f"{label}/{k}": v for k, v in scores.items()},  # as logged, groups included
+        "group_by": group_by or None,
+        "results_file": str(results_path) if rows is not None else None,
+        **({"note": note} if note else {}),
+    }
+    metrics_path.write_text(json.dumps(result, indent=1))
+    beam = model.decoding["beam_size"]
+    n = int(scores["num_images"])
+    if note:
+        print(f"\n{dm.name} {label}, beam {beam}: {n} images captioned\n{note}")
+    else:
+        print(f"\n{dm.name} {label}, beam {beam} ({n} images, x100):")
+        print(score_table(scores, group_by) if group_by else "  ".join(
+            f"{k} {100 * scores[k]:.2f}" for k in metric_names() if k in scores
+        ))  # fmt: skip
+    print(f"metrics : {metrics_path}\ncaptions: {captions_path}")
+    if rows is not None:
+        print(f"results : {results_path} (the caption servers' format)")
+    else:
+        why = f"{dm.name}'s image ids are not integers; {captions_path.name} has every caption"
+        print(f"results : none ({why})")
+    return scores
+
+
+def score_table(scores: dict[str, float], group_by: str) -> str:
+    """Overall and per-group scores, one row each, the headline metrics (x100): the nocaps
+    leaderboard's table (the metrics JSON has every metric of every group)."""
+    from imcap.eval.metrics import metric_names
+
+    names = [k for k in metric_names(headline=True) if k in scores]  # the leaderboard's
+    groups = sorted({k.rsplit("/", 1)[0] for k in scores if "/" in k})
+    width = max(len(g) for g in [group_by, "overall", *groups])
+    lines = [f"{group_by:<{width}}  {'images':>6}" + "".join(f"  {k:>7}" for k in names)]
+    for group, prefix in [*((g, f"{g}/") for g in groups), ("overall", "")]:
+        cells = "".join(
+            f"  {100 * scores[prefix + k]:7.2f}" if prefix + k in scores else f"  {'-':>7}"
+            for k in names
+        )
+        lines.append(f"{group:<{width}}  {int(scores[prefix + 'num_images']):>6}{cells}")
+    return "\n".join(lines)
+
+
+def eval_data(cfg: DictConfig, model: Captioner) -> dict[str, Any]:
+    """The data eval.py scores: data=<name> as composed, else the checkpoint's own record."""
     if cfg.get("data"):
         data = plain(cfg.data)
     else:  # the checkpoint's dataset, loaded the way this machine loads
@@ -216,35 +344,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{cfg.ckpt_path} does not record where its {name} data lives: pass "
             f"data={name} data.root=<the dataset folder>"
         )
-    split = cfg.get("split") or data.get("split") or "test"
-    dm = CaptionDataModule.for_model(data, model, cfg.get("mode", "joint"), split=split)
-    dm.require_split(split)
-    trainer = L.Trainer(
-        accelerator=cfg.get("accelerator", "auto"),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    trainer.test(model, datamodule=dm, verbose=False)
-    scores = model.scores[split]
-    result = {
-        "checkpoint": [str(p) for p in ckpts] if isinstance(ckpts, list) else str(ckpts),
-        "split": split,
-        "dataset": dm.name,
-        "decoding": model.decoding,
-        "scores": scores,
-    }
-    metrics_path, captions_path = out / f"metrics_{split}.json", out / f"captions_{split}.json"
-    metrics_path.write_text(json.dumps(result, indent=1))
-    write_captions(captions_path, model.predictions[split], dm, split)
-    from imcap.eval.metrics import metric_names
+    return data
 
-    print(
-        f"\n{dm.name} {split}, beam {model.decoding['beam_size']} ({int(scores['num_images'])} images, x100):"
-    )
-    print("  ".join(f"{k} {100 * scores[k]:.2f}" for k in metric_names() if k in scores))
-    print(f"metrics : {metrics_path}\ncaptions: {captions_path}")
-    return scores
+
+def folder_data(cfg: DictConfig) -> dict[str, Any]:
+    """eval.py images=<folder>: a data section whose loader lists the images, all in `test`,
+    without captions (`imcap.data.datasets.folder_records`)."""
+    from imcap.config import data_section
+
+    images = plain(cfg.images)
+    folder = Path(str(images)).expanduser() if isinstance(images, str) else None
+    is_dir = folder is not None and folder.is_dir()
+    return {
+        **data_section("_base"),
+        "name": folder.name if is_dir else "images",
+        "root": str(folder if is_dir else Path.cwd()),
+        "loader": "imcap.data.datasets.folder_records",
+        "source": {"images": images},
+        "split": "test",
+        "cache_dir": f"{cfg.paths.cache_dir}/features",
+    }
 
 
 def recorded(data: dict[str, Any], cache_dir: str | None = None) -> dict[str, Any]:

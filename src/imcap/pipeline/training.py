@@ -5,6 +5,8 @@ best checkpoint."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -19,10 +22,12 @@ from omegaconf import DictConfig
 from imcap.errors import UserError
 from imcap.pipeline.callbacks import (
     AtomicCheckpointIO,
+    Checkpoint,
     ContinueMetrics,
     ModelSummary,
     OverflowGuard,
     ProgressLog,
+    Requeue,
 )
 from imcap.pipeline.runtime import plain
 
@@ -57,10 +62,55 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return callbacks
 
 
+def srun_task() -> bool:
+    """Whether Lightning sees this process as a SLURM task (started by srun in a batch job;
+    torchrun inside an allocation takes precedence, as in Lightning's own detection order)."""
+    return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+
+
+def slurm_job_id() -> str | None:
+    """This batch job's id (`<array job>_<task>` for an array task); None outside SLURM and in
+    an interactive allocation (job name bash/interactive), where runs must not share state."""
+    if SLURMEnvironment.job_id() is None:
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def requeued_checkpoint(cfg: DictConfig, callbacks: list[L.Callback]) -> Path | None:
+    """A requeued (or preempted and requeued) SLURM job runs its script again with the same
+    command line, hence the same run directory (`hydra.run.dir=.../slurm-$SLURM_JOB_ID`): when
+    that directory already holds last.ckpt and no ckpt_path is given, the run continues from it
+    in place. Lightning applies the same rule to its own `hpc_ckpt_*.ckpt`, which imcap does
+    not write (see Checkpoint.watch_requeue)."""
+    if cfg.get("ckpt_path") or slurm_job_id() is None:
+        return None
+    ckpt = next((c for c in callbacks if isinstance(c, Checkpoint) and c.save_last), None)
+    if ckpt is None or ckpt.dirpath is None:
+        return None
+    last = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+    return last if last.is_file() else None
+
+
+def _in_place(cfg: DictConfig, out: Path) -> bool:
+    """Whether ckpt_path is this run directory's own (checkpoints/<file>): continue in place."""
+    if not cfg.get("ckpt_path"):
+        return False
+    parents = Path(str(cfg.ckpt_path)).expanduser().resolve().parents
+    return len(parents) > 1 and parents[1] == out.resolve()
+
+
 def make_trainer(cfg: DictConfig, out: Path, resume: dict | None = None) -> L.Trainer:
     """The Trainer of `cfg.trainer` with the run's callbacks and loggers. `resume`: the
     checkpoint `ckpt_path` names, already read (the fit takes it from memory, not the disk);
-    when it lives in this run's folder the run continues in place (metrics appended)."""
+    when it lives in this run's folder the run continues in place (metrics appended).
+
+    Multi-node: Lightning's cluster environments (torchrun's TorchElastic, SLURM's srun) give
+    every process its rank; under srun the SLURM environment comes with its requeue signal
+    handled at a batch boundary (Checkpoint.watch_requeue), and a requeued job continues from
+    its run directory's last.ckpt (`requeued_checkpoint`)."""
     callbacks, loggers = make_callbacks(cfg), make_loggers(cfg)
     if not any(isinstance(c, OverflowGuard) for c in callbacks):
         callbacks.append(OverflowGuard())  # a safety check, on whatever callbacks= says
@@ -70,10 +120,27 @@ def make_trainer(cfg: DictConfig, out: Path, resume: dict | None = None) -> L.Tr
         callbacks = [c for c in callbacks if not isinstance(c, ProgressLog)]
     elif lines and "enable_progress_bar" not in cfg.trainer:  # a log file: lines, not redraws
         extra["enable_progress_bar"] = False
+    requeued = requeued_checkpoint(cfg, callbacks)
+    if requeued is not None:
+        cfg.ckpt_path = str(requeued)  # the fit restores it (read as data, weights_only)
+        log.warning(
+            "SLURM job %s: %s exists, so this is the job coming back (requeued or preempted); "
+            "continuing the run from it",
+            slurm_job_id(),
+            requeued,
+        )
+    watch = False
     if "plugins" not in cfg.trainer:  # checkpoints written to a temp file, then renamed
         ckpt = Path(str(cfg.ckpt_path)).expanduser() if resume is not None else None
         extra["plugins"] = [AtomicCheckpointIO(preloaded={ckpt: resume} if ckpt else None)]
-    if resume is not None and Path(str(cfg.ckpt_path)).resolve().parents[1] == out.resolve():
+        if srun_task():  # Lightning's SLURM environment, its requeue handled by Checkpoint
+            extra["plugins"].append(SLURMEnvironment(auto_requeue=False))
+            watch = slurm_job_id() is not None
+    if watch:
+        for c in callbacks:
+            if isinstance(c, Checkpoint):
+                c.watch_requeue(signal.SIGUSR1, str(slurm_job_id()))
+    if _in_place(cfg, out):
         rows = ContinueMetrics.take(loggers) if rank_zero_only.rank == 0 else []
         callbacks.append(ContinueMetrics(rows))
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
@@ -101,6 +168,21 @@ def fit(trainer: L.Trainer, model: Any, dm: Any, cfg: DictConfig) -> None:
     trust = bool(cfg.get("trust_checkpoint"))  # unpickle checkpoints in full (opt-in)
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not trust)
+    except Requeue:  # SLURM's requeue signal: last.ckpt saved, the job requeued (by rank 0)
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, Checkpoint)), None)
+        if not trainer.is_global_zero:
+            sys.exit(143)  # rank 0 says what happened, once
+        if ckpt is not None and ckpt.requeued:
+            print(
+                f"error: training stopped (SLURM requeue signal) in epoch "
+                f"{trainer.current_epoch}; saved {ckpt.last_model_path}; SLURM job "
+                f"{ckpt.requeue_job} is requeued: it runs the job script again and continues "
+                "from there in the same run directory",
+                file=sys.stderr,
+            )
+        else:  # scontrol failed (logged): how to go on by hand
+            print(f"error: {stopped_message(trainer, 'SLURM requeue signal')}", file=sys.stderr)
+        sys.exit(143)
     except SIGTERMException:  # preemption / scancel: last.ckpt saved, exit 143 for a requeue
         print(f"error: {stopped_message(trainer, 'SIGTERM')}", file=sys.stderr)
         sys.exit(143)

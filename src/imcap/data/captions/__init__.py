@@ -63,4 +63,4 @@ def _where(cls: type) -> str:
 
 
 # the built-in formats register themselves on import
-from imcap.data.captions import coco, flickr_token, kaggle, karpathy  # noqa: E402, F401
+from imcap.data.captions import coco, flickr_token, kaggle, karpathy, nocaps  # noqa: E402, F401

@@ -32,13 +32,16 @@ class Captions:
 
     path: Path  # the annotation file (the first, when a format has several), named in messages
     format: str  # what was read, for the log line ("kaggle", "coco 2014")
-    captions: dict[str, list[str]]  # image id -> raw captions (stripped, none empty)
+    captions: dict[str, list[str]]  # image id -> raw captions (stripped, none empty); an image
+    # of a split without public captions (nocaps test) has an empty list
     images: dict[str, tuple[str, ...]] = field(default_factory=dict)  # image id -> its file
     # relative to an image folder, later ones fallbacks (COCO 2017 folders name the Karpathy
     # 2014 images by id); an id not here is its own file name (Flickr)
     splits: dict[str, dict[str, str]] = field(default_factory=dict)  # split source -> image id
     # -> split, as the file itself records it ("official": COCO's train/val files; "karpathy":
     # Karpathy's train/val/test/restval, restval folded later by data.source.restval)
+    attributes: dict[str, dict[str, str]] = field(default_factory=dict)  # image id -> what the
+    # file says of it besides captions ({"domain": "in-domain", "id": "17"}: ImageRecord.attributes)
 
 
 class DirIndex:
