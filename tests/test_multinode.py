@@ -307,3 +307,44 @@ def test_only_a_slurm_job_continues_its_run_directory_by_itself(
     assert requeued_checkpoint(OmegaConf.create({"ckpt_path": "x.ckpt"}), [ckpt]) is None
     (tmp_path / "checkpoints" / "last.ckpt").unlink()
     assert requeued_checkpoint(cfg, [ckpt]) is None  # the job's first start
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3"}, 3),  # torchrun
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "8"}, 2),  # srun, one task per GPU
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 0),  # a one-task batch job (a sweep trial)
+        ({"SLURM_PROCID": "5"}, 0),  # no task count: not a multi-task srun
+    ],
+)
+def test_the_launch_rank_is_read_before_lightning_starts(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], rank: int
+) -> None:
+    """Only rank 0 writes `.hydra/` and keeps the `before_resume_<n>` copies; the others would
+    race on the same files of the shared run directory."""
+    from imcap.cli import launch_rank
+
+    for k in list(os.environ):
+        if k.startswith(CLUSTER_VARS):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert launch_rank() == rank
+
+
+def test_processes_probing_one_run_directory_do_not_trip_each_other(tmp_path: Path) -> None:
+    """Every process of a multi-node run checks the shared run directory is writable at once;
+    one process's probe file must never be removed under another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from omegaconf import OmegaConf
+
+    from imcap.pipeline.runtime import output_dir
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "run")}})
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: output_dir(cfg), range(400)))
+    assert set(outs) == {tmp_path / "run"}
+    assert list((tmp_path / "run").iterdir()) == []  # no probe left behind

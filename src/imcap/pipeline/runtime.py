@@ -5,6 +5,8 @@ decoding options from the command line."""
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,9 +60,10 @@ def output_dir(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a name of its own: under torchrun/srun every process probes the shared run dir at once
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write_test.")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UserError(
             f"cannot write the run directory {out}: {e.strerror}; choose another with "
