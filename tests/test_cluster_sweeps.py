@@ -372,3 +372,55 @@ def test_summary_of_a_sweep_folder_after_the_fact(tmp_path: Path) -> None:
     assert md[0] == "Scores x100, best val/BLEU-1 first"
     order = [line.split(" | ")[0].strip("| ") for line in md[4:]]
     assert order[:2] == ["0", "1"] and "UserError: bad / value" in md[-2] + md[-1]
+
+
+def test_eval_and_caption_sweeps_are_not_reported_failed(tmp_path: Path) -> None:
+    """eval.py writes metrics_<split>.json, caption.py no scores at all: neither is a trial
+    "stopped" for want of train.py's metrics.json; a training trial without one still is."""
+    from imcap.pipeline.hydra_callbacks import NO_RESULT, collect
+
+    def job(n: str, task: str) -> Path:
+        (tmp_path / n / ".hydra").mkdir(parents=True)
+        (tmp_path / n / ".hydra" / "overrides.yaml").write_text(f"- model.beam_size={n}\n")
+        (tmp_path / n / ".hydra" / "hydra.yaml").write_text(
+            f"hydra:\n  job:\n    config_name: {task}\n"
+        )
+        return tmp_path / n
+
+    scores = {"split": "val", "scores": {"CIDEr": 0.61, "BLEU-4": 0.2}}
+    (job("1", "eval") / "metrics_val.json").write_text(json.dumps(scores))
+    job("2", "caption")
+    job("3", "eval")  # an eval trial that wrote nothing: stopped
+    job("4", "train")
+    rows = {r["job"]: r for r in collect(tmp_path)}
+    assert rows["1"]["status"] == "ok" and rows["1"]["val/CIDEr"] == 61.0
+    assert rows["2"]["status"] == "ok"
+    assert rows["3"]["error"] == NO_RESULT and rows["4"]["error"] == NO_RESULT
+
+
+def test_a_trial_run_again_is_judged_by_its_new_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed trial continued in its own run dir (resume=) that now succeeds must not keep
+    the old failed.json: the summary would still call it failed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from imcap.pipeline import hydra_callbacks as hc
+
+    hydra_cfg = OmegaConf.create(
+        {
+            "runtime": {"output_dir": str(tmp_path)},
+            "overrides": {"task": ["x=1"]},
+            "job": {"num": 0},
+        }
+    )
+    monkeypatch.setattr(hc, "in_multirun", lambda: True)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+
+    def boom(cfg: Any) -> float:
+        raise RuntimeError("boom")
+
+    failure = hc.trial_guard(boom)(OmegaConf.create({}))
+    assert isinstance(failure, hc.TrialFailure) and (tmp_path / hc.FAILED).exists()
+    assert hc.trial_guard(lambda cfg: 0.5)(OmegaConf.create({})) == 0.5
+    assert not (tmp_path / hc.FAILED).exists()

@@ -347,8 +347,13 @@ def _sharded_worker(rank: int, world: int, port: int, tmp: str) -> None:
         "error": {"cache_dir": f"{tmp}/error", "bad_images": "error"},
         # rank 1's cache folder is not rank 0's (node-local disks): each extracts alone
         "unshared": {"cache_dir": f"{tmp}/unshared{rank}"},
+        # the same, but rank 0's folder already holds the cache: rank 1 must not fail alone
+        "warm_local": {"cache_dir": f"{tmp}/warm{rank}"},
     }
     for name, kw in scenarios.items():
+        if name == "warm_local" and rank == 0:  # only rank 0's node-local disk holds the cache
+            ensure_features(tiny_encoder(), paths, dataset="toy", **kw, **SHARD_KW)
+        dist.barrier()
         try:
             group = features.process_group()
             c = ensure_features(tiny_encoder(), paths, dataset="toy", group=group, **kw, **SHARD_KW)
@@ -422,3 +427,14 @@ def test_ranks_that_do_not_share_the_cache_folder_each_extract_alone(sharded: Pa
     assert Path(b["directory"]).parent.parent == sharded / "unshared1"
     m = json.loads((Path(b["directory"]) / "manifest.json").read_text())
     assert "processes" not in m and m["bad_rows"] == [6]  # a whole single-process cache
+
+
+def test_a_cache_only_rank_0_holds_is_built_by_the_others_not_awaited(sharded: Path) -> None:
+    """Node-local disks, rank 0's warm: rank 1 waited for rank 0's files, then failed alone
+    while rank 0 went on into training (a hang until the collective timeout)."""
+    a, b = _outcome(sharded, "warm_local")
+    assert "error" not in a and "error" not in b, (a, b)
+    assert Path(a["directory"]).parent.parent == sharded / "warm0"
+    assert Path(b["directory"]).parent.parent == sharded / "warm1"
+    ref = Path(a["directory"]) / "pooled.f16"
+    assert (Path(b["directory"]) / "pooled.f16").read_bytes() == ref.read_bytes()

@@ -488,7 +488,7 @@ class CaptionDataModule(L.LightningDataModule):
             bad = cache.bad
             # Both arrays stay memory-mapped float16 on the host: a batch gathers its rows (the
             # OS pages them in and may drop them again), so a cache larger than RAM trains
-            # without being loaded; float32 only per batch. See `_device_bank_for`.
+            # without being loaded; float32 only per batch. See `_gather`.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write
                 self.bank["pooled"] = torch.from_numpy(cache.pooled)
@@ -657,7 +657,9 @@ class CaptionDataModule(L.LightningDataModule):
         bank = self._device_bank[key]
         if bank is None:
             picked = self.bank[key][rows.cpu()]
-            return picked.pin_memory().to(device, non_blocking=True).float()
+            if device.type == "cuda":  # pinned: the copy overlaps; other accelerators copy plainly
+                return picked.pin_memory().to(device, non_blocking=True).float()
+            return picked.to(device).float()
         return bank[rows].float()
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

@@ -274,7 +274,9 @@ def shard_rows(n: int, batch_size: int, rank: int, world_size: int) -> range:
     return range(min(first * batch_size, n), min(last * batch_size, n))
 
 
-SHARED_WAIT_S = 10.0  # how long a rank waits to see rank 0's folder (a network file system's cache)
+# how long a rank waits to see rank 0's files (a network file system caches directory entries
+# for 30-60 s by default); IMCAP_SHARED_WAIT_S changes it
+SHARED_WAIT_S = float(os.environ.get("IMCAP_SHARED_WAIT_S", "90"))
 
 
 def _ensure_sharded(job: _Job, group: ProcessGroup) -> CachedFeatures:
@@ -296,8 +298,8 @@ def _ensure_sharded(job: _Job, group: ProcessGroup) -> CachedFeatures:
     with contextlib.ExitStack() as held:
         plan, error = ("hit", ""), None
         if group.rank == 0:
-            explain_miss(job.directory, job.ident)
             try:
+                explain_miss(job.directory, job.ident)
                 held.enter_context(_locked(job.folder / f"{job.key}.lock"))
                 if not job.hit():  # else another run finished it while we waited
                     tmp = job.new_tmp()
@@ -308,9 +310,8 @@ def _ensure_sharded(job: _Job, group: ProcessGroup) -> CachedFeatures:
                 error = e
         _agree(group, error, "creating the cache folder")
         plan = group.broadcast(plan)
-        if plan[0] == "hit":
-            _wait_for(job.directory / "manifest.json")
-            return open_cache(job.directory)
+        if plan[0] == "hit":  # rank 0 found it complete (another run finished it meanwhile)
+            return _open_shared(job)
         tmp = job.folder / plan[1]
         shared = all(group.all_gather(_wait_for(tmp, must=False) is not None))
         if not shared and group.rank == 0:
@@ -341,7 +342,22 @@ def _ensure_sharded(job: _Job, group: ProcessGroup) -> CachedFeatures:
             _agree(group, error, "assembling the cache")
     if not shared:  # outside the lock: the fallback takes it again
         return _ensure_alone(job)
-    _wait_for(job.directory / "manifest.json")
+    return _open_shared(job)
+
+
+def _open_shared(job: _Job) -> CachedFeatures:
+    """Rank 0's finished cache; a process that never sees it (its own node-local disk, where
+    only rank 0's held the cache) builds its own copy instead of failing alone while the other
+    ranks wait for it in a collective."""
+    if _wait_for(job.directory / "manifest.json", must=False) is None:
+        log.warning(
+            "the feature cache %s (rank 0's) is not visible to this process after %.0f s: it "
+            "extracts its own copy; set paths.cache_dir to a folder every process shares to "
+            "extract once",
+            job.directory,
+            SHARED_WAIT_S,
+        )
+        return _ensure_alone(job)
     return open_cache(job.directory)
 
 

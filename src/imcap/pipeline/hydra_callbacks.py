@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 FAILED = "failed.json"  # in a failed trial's run dir: its overrides and the error
 NO_RESULT = (
-    "no metrics.json and no failed.json: the trial was stopped (time limit, out of memory?); "
+    "no metrics file and no failed.json: the trial was stopped (time limit, out of memory?); "
     "see its log"
 )
 # the failed trials of the last multirun of this process (SweepSummary fills it; imcap.cli exits 1)
@@ -74,6 +74,10 @@ def trial_guard(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
     def guarded(cfg: DictConfig) -> Any:
         if not in_multirun():
             return task(cfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        # a trial run again in its own dir (resume=) is judged by this run, not the last one
+        (Path(HydraConfig.get().runtime.output_dir) / FAILED).unlink(missing_ok=True)
         try:
             return task(cfg)
         except Exception as e:  # noqa: BLE001 - one trial's error must not end the sweep
@@ -120,6 +124,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
         row: dict[str, Any] = {"job": job.name, "overrides": " ".join(str(o) for o in overrides)}
         metrics_file, failed_file = job / "metrics.json", job / FAILED
+        evaluated = sorted(job.glob("metrics_*.json"))  # eval.py: metrics_<split>.json
         if failed_file.exists():
             row["status"] = "failed"
             row["error"] = json.loads(failed_file.read_text()).get("error", "")
@@ -131,11 +136,29 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                         row[f"{split}/{k}"] = round(100 * m[split][k], 2)
             row["seconds"] = m.get("total_seconds")
             row["status"] = "ok"
+        elif evaluated:
+            for f in evaluated:
+                m = json.loads(f.read_text())
+                split = m.get("split") or f.stem.removeprefix("metrics_")
+                for k in columns:
+                    if k in m.get("scores", {}):
+                        row[f"{split}/{k}"] = round(100 * m["scores"][k], 2)
+            row["status"] = "ok"
+        elif task_of(job) in ("caption", "export", "prepare", "serve"):  # no scores to collect
+            row["status"] = "ok"
         else:
             row["status"] = "failed"
             row["error"] = NO_RESULT
         rows.append(row)
     return rows
+
+
+def task_of(job: Path) -> str | None:
+    """The config a trial ran (`train`, `eval`, ...), from its `.hydra/hydra.yaml`."""
+    try:
+        return str(OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.config_name)
+    except Exception:  # noqa: BLE001 - an unreadable file: treated as a training trial
+        return None
 
 
 def swept_only(rows: list[dict[str, Any]]) -> None:

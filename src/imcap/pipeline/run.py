@@ -178,15 +178,25 @@ def results_rows(preds: dict[str, str], ids: dict[str, str]) -> list[dict[str, A
     nocaps' EvalAI: `[{"image_id": int, "caption": str}]`, one per image, by id. `ids` maps an
     image id to the id the server knows (nocaps: `attributes["id"]`; COCO: the image id
     itself). None when an id is not an integer (Flickr's are file names): no server reads those."""
-    rows = []
+    rows, names = [], {}
     for image_id, caption in preds.items():
         server_id = str(ids.get(image_id, image_id))
         if not (server_id.isascii() and server_id.isdigit()):
             return None
         rows.append({"image_id": int(server_id), "caption": caption})
+        names.setdefault(int(server_id), []).append(image_id)
     rows.sort(key=lambda r: r["image_id"])
-    if len({r["image_id"] for r in rows}) != len(rows):
-        log.warning("two images share an integer id: no results file written")
+    shared = {i: n for i, n in names.items() if len(n) > 1}
+    if shared:
+        i, n = next(iter(shared.items()))
+        log.warning(
+            "%d integer id(s) shared by several images (e.g. %d: %s): no results file written, "
+            "as a server would score only one of them; give each image its own id in the "
+            "annotation file",
+            len(shared),
+            i,
+            ", ".join(n[:3]),
+        )
         return None
     return rows
 

@@ -138,8 +138,15 @@ def make_trainer(cfg: DictConfig, out: Path, resume: dict | None = None) -> L.Tr
             watch = slurm_job_id() is not None
     if watch:
         for c in callbacks:
-            if isinstance(c, Checkpoint):
+            if isinstance(c, Checkpoint) and c.save_last:
                 c.watch_requeue(signal.SIGUSR1, str(slurm_job_id()))
+            elif isinstance(c, Checkpoint):  # a requeued job would start over, again and again
+                log.warning(
+                    "SLURM job %s: callbacks.model_checkpoint.save_last is off, so the requeue "
+                    "signal is not acted on (a requeued job would have no last.ckpt to continue "
+                    "from); set it to true to continue preempted jobs",
+                    slurm_job_id(),
+                )
     if _in_place(cfg, out):
         rows = ContinueMetrics.take(loggers) if rank_zero_only.rank == 0 else []
         callbacks.append(ContinueMetrics(rows))
@@ -170,6 +177,9 @@ def fit(trainer: L.Trainer, model: Any, dm: Any, cfg: DictConfig) -> None:
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not trust)
     except Requeue:  # SLURM's requeue signal: last.ckpt saved, the job requeued (by rank 0)
         ckpt = next((c for c in trainer.callbacks if isinstance(c, Checkpoint)), None)
+        # no rank exits before rank 0 has requeued: with KillOnBadExit=1 srun would kill rank 0
+        # at the first non-zero exit, and the job would end without being requeued
+        trainer.strategy.barrier("requeued")
         if not trainer.is_global_zero:
             sys.exit(143)  # rank 0 says what happened, once
         if ckpt is not None and ckpt.requeued:
