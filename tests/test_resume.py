@@ -114,3 +114,25 @@ def test_a_resume_reads_its_checkpoint_once(
     train(compose_train([o for o in overrides if not o.startswith("hydra.")]))
     assert len(reads) == 1, reads
     assert val_epochs(run)[-1] == done  # it did resume: one more epoch, in the same folder
+
+
+def test_a_torn_overrides_file_is_read_again_not_taken_for_none(tmp_path: Path) -> None:
+    """Under torchrun another rank may read `.hydra/overrides.yaml` while rank 0's Hydra is
+    rewriting it: an empty read must not silently drop the run's overrides."""
+    import threading
+    import time
+
+    from imcap.config import _saved_overrides
+    from imcap.errors import UserError
+
+    saved = tmp_path / "overrides.yaml"
+    saved.write_text("")  # truncated, not yet written
+    threading.Timer(0.3, lambda: saved.write_text("- decoder=gru\n- seed=3\n")).start()
+    t = time.monotonic()
+    assert _saved_overrides(saved) == ["decoder=gru", "seed=3"]
+    assert time.monotonic() - t < 4.0
+    saved.write_text("[]\n")  # a run without overrides
+    assert _saved_overrides(saved) == []
+    saved.write_text("")
+    with pytest.raises(UserError, match="holds no list of overrides"):
+        _saved_overrides(saved, tries=2)

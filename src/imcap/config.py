@@ -249,6 +249,30 @@ def newest_run(log_dir: Path) -> Path | None:
     return max(lasts, key=lambda p: p.stat().st_mtime).parents[1] if lasts else None
 
 
+def _saved_overrides(saved: Path, tries: int = 20) -> list[str]:
+    """A run's `.hydra/overrides.yaml`. Under torchrun/srun, rank 0's Hydra may be rewriting it
+    (truncate, write) while another rank reads it: an empty or torn read is retried, never taken
+    for "no overrides" (that rank would compose another model)."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    for attempt in range(tries):
+        text = saved.read_text()
+        try:
+            value = OmegaConf.to_container(OmegaConf.create(text)) if text.strip() else None
+        except Exception:  # noqa: BLE001 - a torn write: read it again
+            value = None
+        if isinstance(value, list):
+            return [str(o) for o in value]
+        if attempt < tries - 1:
+            time.sleep(0.25)
+    raise UserError(
+        f"{saved} holds no list of overrides (empty or damaged); continue with ckpt_path="
+        f"{saved.parent.parent / LAST_CKPT} and the run's overrides given on the command line"
+    )
+
+
 def resume_overrides(argv: Sequence[str]) -> list[str]:
     """`resume=<run dir>|auto` as the overrides that continue that run in place: the run's own
     overrides (its .hydra/overrides.yaml), this command line's on top (`trainer.max_epochs=N`),
@@ -296,9 +320,7 @@ def resume_overrides(argv: Sequence[str]) -> list[str]:
     merged: dict[str, str] = {}
     saved = run / ".hydra" / "overrides.yaml"
     if saved.is_file():
-        from omegaconf import OmegaConf
-
-        for o in OmegaConf.to_container(OmegaConf.load(saved)) or []:
+        for o in _saved_overrides(saved):
             if _key(o) in ("resume", "ckpt_path", "paths.output_dir") or o.startswith("hydra"):
                 continue
             if _key(o) == "trust_checkpoint":  # an opt-in of that command line, not of the run
