@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -302,6 +303,50 @@ def slice_row(n: int, full: Path, entries: list[dict], work: Path, args) -> dict
     return row
 
 
+def train_rate(log: Path) -> float:
+    """The last training rate the run's progress lines printed (steps/s; validation apart)."""
+    rates = re.findall(r" ([0-9.]+) it/s", log.read_text())
+    if not rates:
+        raise SystemExit(f"no progress line with a rate in {log}")
+    return float(rates[-1])
+
+
+def vocab_check(work: Path, n: int, steps: int, args: argparse.Namespace) -> list[dict]:
+    """Is training's cost per caption the data's size or the vocabulary's? The largest slice
+    trained `steps` steps at its own vocabulary and at min_count values that shrink it to the
+    smaller slices' sizes; the rates are compared with the slices' own."""
+    rows = []
+    for min_count in args.vocab_min_counts:
+        name = f"slice_{n}_vocab{min_count}"
+        shutil.rmtree(work / "runs" / name, ignore_errors=True)
+        cmd = train_cmd(work / f"coco_{n}", work, name, args) + [
+            f"data.vocab.min_count={min_count}",
+            f"+trainer.limit_train_batches={steps}",
+            "data.max_eval_images=500",
+            "metrics.meteor=false",
+        ]
+        log = work / f"train_{name}.log"
+        row = run_measured(cmd, log)
+        if row["exit_code"] != 0:
+            raise SystemExit(f"the vocabulary check failed: see {log}")
+        vocab = json.loads((work / "runs" / name / "vocab.json").read_text())
+        words = vocab["tokens"]  # specials included, as the output layer sees them
+        rate = train_rate(log)
+        rows.append(
+            {
+                "images": n,
+                "min_count": min_count,
+                "vocab_size": len(words),
+                "steps": steps,
+                "steps_per_second": rate,
+                "seconds_per_100k_captions": round(1e5 / (rate * 256), 1),
+                "wall_seconds": row["wall_seconds"],
+            }
+        )
+        print(f"[scale] vocab check: {rows[-1]}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -327,6 +372,18 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_cpu.json"))
     ap.add_argument("--resume", action="store_true", help="keep the slices already in --out")
+    ap.add_argument(
+        "--vocab-check-steps",
+        type=int,
+        default=150,
+        help="train the largest slice this many steps at smaller vocabularies (0: skip)",
+    )
+    ap.add_argument(
+        "--vocab-min-counts",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[5, 20, 62],
+        help="min_count values of the vocabulary check (5: the slice's own vocabulary)",
+    )
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the training runs")
     args = ap.parse_args()
     work = Path(args.work).resolve()
@@ -351,8 +408,12 @@ def main() -> None:
         "slices": [],
     }
     out = Path(args.out)
-    done = json.loads(out.read_text())["slices"] if args.resume and out.exists() else []
+    before = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    done = before.get("slices", [])
     result["slices"] = [r for r in done if str(r["images"]) in args.slices.split(",")]
+    for key in ("memory_limited", "vocab_check"):  # finished parts a resumed run does not redo
+        if key in before:
+            result[key] = before[key]
     for n in (int(s) for s in args.slices.split(",")):
         if any(r["images"] == n for r in result["slices"]):
             continue
@@ -368,7 +429,7 @@ def main() -> None:
         if args.memory_limit == "auto"
         else float(args.memory_limit)
     )
-    if limit > 0 and grid_mb:
+    if limit > 0 and grid_mb and result.get("memory_limited", {}).get("exit_code") != 0:
         group = make_cgroup(limit)
         n = last["images"]
         name = f"slice_{n}_limited"
@@ -396,6 +457,9 @@ def main() -> None:
             row["val_CIDEr"] = round(facts["val"]["CIDEr"], 4)
         result["memory_limited"] = row
         group.rmdir()
+    if args.vocab_check_steps > 0 and "vocab_check" not in result:
+        result["vocab_check"] = vocab_check(work, last["images"], args.vocab_check_steps, args)
+        out.write_text(json.dumps(result, indent=1))
     result["total_wall_seconds"] = round(time.perf_counter() - started, 1)
     out.write_text(json.dumps(result, indent=1))
     print(table(result))
