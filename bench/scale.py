@@ -311,12 +311,13 @@ def train_rate(log: Path) -> float:
     return float(rates[-1])
 
 
-def vocab_check(work: Path, n: int, steps: int, args: argparse.Namespace) -> list[dict]:
+def vocab_check(work: Path, sizes: list[int], steps: int, args: argparse.Namespace) -> list[dict]:
     """Is training's cost per caption the data's size or the vocabulary's? The largest slice
     trained `steps` steps at its own vocabulary and at min_count values that shrink it to the
-    smaller slices' sizes; the rates are compared with the slices' own."""
+    smaller slices' sizes, and the smallest slice at its own, one after another on one machine."""
     rows = []
-    for min_count in args.vocab_min_counts:
+    runs = [(sizes[-1], m) for m in args.vocab_min_counts] + [(sizes[0], 5)]
+    for n, min_count in runs:
         name = f"slice_{n}_vocab{min_count}"
         shutil.rmtree(work / "runs" / name, ignore_errors=True)
         cmd = train_cmd(work / f"coco_{n}", work, name, args) + [
@@ -324,6 +325,7 @@ def vocab_check(work: Path, n: int, steps: int, args: argparse.Namespace) -> lis
             f"+trainer.limit_train_batches={steps}",
             "data.max_eval_images=500",
             "metrics.meteor=false",
+            "callbacks.progress_log.every_seconds=5",  # a rate to read even in a short run
         ]
         log = work / f"train_{name}.log"
         row = run_measured(cmd, log)
@@ -458,7 +460,8 @@ def main() -> None:
         result["memory_limited"] = row
         group.rmdir()
     if args.vocab_check_steps > 0 and "vocab_check" not in result:
-        result["vocab_check"] = vocab_check(work, last["images"], args.vocab_check_steps, args)
+        sizes = [r["images"] for r in result["slices"]]
+        result["vocab_check"] = vocab_check(work, sizes, args.vocab_check_steps, args)
         out.write_text(json.dumps(result, indent=1))
     result["total_wall_seconds"] = round(time.perf_counter() - started, 1)
     out.write_text(json.dumps(result, indent=1))
