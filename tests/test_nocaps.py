@@ -315,3 +315,28 @@ def test_val_meteor_per_domain_equals_the_toolkit(nocaps: dict[str, Path], tmp_p
         gts = {k: refs[10 * k : 10 * k + 10] for k in range(len(mine))}
         expected, _ = toolkit.compute_score(gts, {k: [h] for k, h in enumerate(hyps)})
         assert scores[f"{d}/METEOR"] == pytest.approx(expected, abs=1e-12), d
+
+
+def test_prepare_checks_nocaps_files_and_names_where_to_get_them(
+    nocaps: dict[str, Path], tmp_path: Path
+) -> None:
+    """nocaps has no archive prepare.py could fetch (an image per URL): without the files it
+    says where they come from; with them it checks they load (it used to crash on the missing
+    download section)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from imcap.errors import UserError
+    from imcap.pipeline.prepare import prepare
+
+    def cfg(root: Path):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="prepare", overrides=["data=nocaps", f"data.root={root}"])
+
+    with pytest.raises(UserError, match=r"nothing to download for nocaps .*nocaps\.org/download"):
+        prepare(cfg(tmp_path / "absent"))
+    records = prepare(cfg(nocaps["root"]))
+    assert {r.split for r in records} == {"val", "test"} and len(records) == len(
+        load(nocaps["root"])
+    )

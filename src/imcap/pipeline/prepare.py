@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from imcap.data.datasets import available_splits, detect_year, load_records
 from imcap.data.download import prepare_archives, select_archives
 from imcap.data.records import SPLITS, ImageRecord
+from imcap.errors import UserError
 
 log = logging.getLogger("prepare")
 
@@ -20,7 +21,14 @@ def prepare(cfg: DictConfig) -> list[ImageRecord]:
     data = cfg.data
     root = Path(data.root).expanduser()
     source = OmegaConf.to_container(data.get("source") or {}, resolve=True)
-    download = OmegaConf.to_container(data.get("download") or {}, resolve=True)
+    if data.get("download") is None:  # files no script can fetch (nocaps: an image per URL)
+        if not root.is_dir():
+            raise UserError(
+                f"prepare.py has nothing to download for {data.name} ({root} does not exist): "
+                f"{source.get('fix') or 'see README.md, Datasets'}"
+            )
+        return _check(data.name, root, source)  # only check that what is there loads
+    download = OmegaConf.to_container(data.download, resolve=True)
     year = source.get("year")
     if download.get("default_year") is not None and str(year) == "auto":
         # archives by year (COCO): the year already on disk, else download.default_year
@@ -44,12 +52,17 @@ def prepare(cfg: DictConfig) -> list[ImageRecord]:
         progress=bool(cfg.progress),
         dataset=data.name,
     )
-    records = load_records(name=data.name, root=root, **source)
+    return _check(data.name, root, source)
+
+
+def _check(name: str, root: Path, source: dict) -> list[ImageRecord]:
+    """Load the dataset as training would, and say what it holds."""
+    records = load_records(name=name, root=root, **source)
     counts = " / ".join(
         f"{sum(r.split == s for r in records)} {s}" for s in available_splits(records)
     )
-    log.info("%s is ready in %s: %s images", data.name, root, counts)
+    log.info("%s is ready in %s: %s images", name, root, counts)
     absent = [s for s in SPLITS if s not in available_splits(records)]
     if absent:
-        log.warning("%s in %s has no %s split", data.name, root, " or ".join(absent))
+        log.warning("%s in %s has no %s split", name, root, " or ".join(absent))
     return records
