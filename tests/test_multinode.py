@@ -40,10 +40,24 @@ class RecordTrainingRows(L.Callback):
             return
         dm, self._patched = trainer.datamodule, True
         original = dm.on_before_batch_transfer
+        pair: dict[tuple[int, tuple[int, ...]], int] = {}  # joint: (row, tokens) -> caption
 
         def recording(batch: Any, dataloader_idx: int) -> Any:
             if isinstance(batch, dict) and "captions" in batch:  # two-step training batch
                 self.seen.extend(batch["captions"].tolist())
+            elif isinstance(batch, dict) and "tokens" in batch:  # joint: (row, padded tokens)
+                if not pair:
+                    rows, toks = dm.train_rows.tolist(), dm._token_lists
+                    pair.update(
+                        {(r, tuple(t)): i for i, (r, t) in enumerate(zip(rows, toks, strict=True))}
+                    )
+                for r, t in zip(batch["rows"].tolist(), batch["tokens"].tolist(), strict=True):
+                    n = next(
+                        len(toks)
+                        for (row, toks) in pair
+                        if row == r and list(toks) == t[: len(toks)]
+                    )
+                    self.seen.append(pair[(r, tuple(t[:n]))])
             return original(batch, dataloader_idx)
 
         dm.on_before_batch_transfer = recording
@@ -104,7 +118,10 @@ def synthetic_data(tmp: Path) -> None:
     load_synthetic(tmp / "data" / "synthetic", **source)
 
 
-def test_two_torchrun_nodes_split_the_data_and_score_like_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["two_step", "joint"])
+def test_two_torchrun_nodes_split_the_data_and_score_like_one_process(
+    tmp_path: Path, mode: str
+) -> None:
     """torchrun --nnodes 2 (one process per "node", 127.0.0.1), trainer=ddp_cpu: each rank
     trains on its own half of the captions, every val image is scored once (the scores equal
     a single-process eval.py of the same checkpoint), rank 0 alone writes the run's files, into
@@ -115,6 +132,7 @@ def test_two_torchrun_nodes_split_the_data_and_score_like_one_process(tmp_path: 
         "trainer=ddp_cpu",
         "trainer.num_nodes=2",
         "trainer.max_epochs=1",
+        f"mode={mode}",
         "encoder.pretrained=false",
         "test=false",
         *TINY,
@@ -175,18 +193,19 @@ def test_two_torchrun_nodes_split_the_data_and_score_like_one_process(tmp_path: 
     assert not list(run.rglob("hpc_ckpt*")) and not list(run.rglob("*ddp_process*"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["num_images"] == 21
-    assert metrics["features"]["num_images"] == 101  # one cache of every image
-    cache = json.loads((Path(metrics["features"]["directory"]) / "manifest.json").read_text())
-    assert cache["processes"] == 2  # extracted by both ranks, a shard each
+    if mode == "two_step":
+        assert metrics["features"]["num_images"] == 101  # one cache of every image
+        manifest = Path(metrics["features"]["directory"]) / "manifest.json"
+        assert json.loads(manifest.read_text())["processes"] == 2  # a shard by each rank
 
-    # the same checkpoint scored by one process from the same cache: the same scores
+    # the same checkpoint scored by one process (two-step: from the same cache): the same scores
     best = metrics["best_checkpoint"]
     assert Path(best).parent == run / "checkpoints"
     res = cli(
         "eval.py",
         f"ckpt_path={best}",
         "split=val",
-        "mode=two_step",
+        f"mode={mode}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / 'eval'}",
         *[a for a in TINY if a.startswith("metrics.")],
