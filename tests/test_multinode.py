@@ -52,12 +52,9 @@ class RecordTrainingRows(L.Callback):
                         {(r, tuple(t)): i for i, (r, t) in enumerate(zip(rows, toks, strict=True))}
                     )
                 for r, t in zip(batch["rows"].tolist(), batch["tokens"].tolist(), strict=True):
-                    n = next(
-                        len(toks)
-                        for (row, toks) in pair
-                        if row == r and list(toks) == t[: len(toks)]
-                    )
-                    self.seen.append(pair[(r, tuple(t[:n]))])
+                    while t and t[-1] == 0:  # <pad> (id 0) only ever trails a caption
+                        t.pop()
+                    self.seen.append(pair[(r, tuple(t))])
             return original(batch, dataloader_idx)
 
         dm.on_before_batch_transfer = recording
