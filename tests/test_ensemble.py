@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEMO_WORDS, cli, demo_checkpoint, encoder_args
+from conftest import DEMO_WORDS, ROOT, cli, demo_checkpoint, encoder_args
 
 from imcap.config import group_section, model_sections
 from imcap.data.text import Vocab
@@ -166,3 +168,43 @@ def test_eval_cli_scores_an_ensemble(trained: dict, shared: Path, tmp_path: Path
     assert captions != load_captioner(ckpt).caption_files(images, beam_size=1)  # both members count
     r = cli("eval.py", f"ckpt_path=[{ckpt},{ckpt}]", "mode=two_step", f"hydra.run.dir={out}")
     assert r.returncode != 0 and "use mode=joint" in r.stderr
+
+
+def test_ensemble_bench_scores_members_and_ensemble_alike(trained: dict, tmp_path: Path) -> None:
+    """bench/ensemble.py: each member alone and the ensemble, scored by the same eval, in one JSON;
+    a missing member is refused by name before anything runs."""
+    ckpt = trained["ckpt"]
+    other = tmp_path / "other.ckpt"  # a second member: the same model with its decoder shaken
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    for k, w in state["state_dict"].items():
+        if k.startswith("decoder.") and w.is_floating_point():
+            w.mul_(1 + 0.5 * torch.randn(w.shape, generator=gen))
+    torch.save(state, other)
+    out = tmp_path / "ensemble.json"
+    bench = [sys.executable, str(ROOT / "bench" / "ensemble.py")]
+    args = ["--data", "", "--beam", "1", "--out", str(out), "metrics.meteor=false"]
+    r = subprocess.run(
+        [*bench, "--ckpt", str(ckpt), "--ckpt", str(other), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [r["checkpoint"] for r in runs] == [str(ckpt), str(other), [str(ckpt), str(other)]]
+    assert all(r["scores"]["num_images"] == 80 for r in runs)
+    alone = [r["scores"]["CIDEr"] for r in runs[:2]]
+    assert alone[0] != alone[1]  # the shaken member is a different model
+    gain = (runs[2]["scores"]["CIDEr"] - max(alone)) * 100
+    assert result["cider_gain_over_best_member_x100"] == pytest.approx(gain, abs=0.01)
+
+    missing = tmp_path / "nowhere.ckpt"
+    r = subprocess.run(
+        [*bench, "--ckpt", str(ckpt), "--ckpt", str(missing), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and str(missing) in r.stderr
