@@ -19,32 +19,14 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("IMCAP_ROOT", str(ROOT))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-
-from imcap.config import CONF_DIR  # noqa: E402
-from imcap.pipeline.run import evaluate  # noqa: E402
-
-KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-
-
-def score(ckpts: list[str], overrides: list[str], out: Path) -> tuple[dict, float]:
-    """(scores, seconds) of `imcap-eval ckpt_path=[...] <overrides>` from the raw images."""
-    GlobalHydra.instance().clear()
-    ckpt = ckpts[0] if len(ckpts) == 1 else "[" + ",".join(ckpts) + "]"
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("eval", [f"ckpt_path={ckpt}", *overrides, f"paths.output_dir={out}"])
-    t = time.perf_counter()
-    scores = evaluate(cfg)
-    kept = {k: float(v) for k, v in scores.items() if k in (*KEYS, "num_images")}
-    return kept, time.perf_counter() - t
+from flickr8k import KEYS, eval_scores  # noqa: E402
 
 
 def main() -> None:
@@ -85,7 +67,8 @@ def main() -> None:
     runs = []
     members = [] if args.skip_members else [[c] for c in args.ckpt]
     for i, ckpts in enumerate([*members, args.ckpt]):
-        scores, seconds = score(ckpts, overrides, work / str(i))
+        scores, seconds = eval_scores(ckpts, overrides, work / str(i))
+        scores = {k: float(v) for k, v in scores.items() if k in (*KEYS, "num_images")}
         runs.append(
             {
                 "what": "member alone" if len(ckpts) == 1 else f"ensemble of {len(ckpts)}",

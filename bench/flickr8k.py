@@ -32,7 +32,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from imcap.model.checkpoint import load_captioner  # noqa: E402
 from imcap.pipeline.datamodule import CaptionDataModule  # noqa: E402
-from imcap.pipeline.run import plain, train  # noqa: E402
+from imcap.pipeline.run import evaluate, plain, train  # noqa: E402
 
 KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -41,6 +41,18 @@ def compose_train(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
+
+
+def eval_scores(ckpts: list[str], overrides: list[str], out: Path) -> tuple[dict, float]:
+    """(scores, seconds) of `imcap-eval ckpt_path=<one or [several]> <overrides>`, end to end from
+    the raw images (joint mode); its captions and metrics files are written under `out`."""
+    GlobalHydra.instance().clear()
+    ckpt = ckpts[0] if len(ckpts) == 1 else "[" + ",".join(ckpts) + "]"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", [f"ckpt_path={ckpt}", *overrides, f"paths.output_dir={out}"])
+    t = time.perf_counter()
+    scores = evaluate(cfg)
+    return scores, time.perf_counter() - t
 
 
 def beam_scores(ckpt: str, cfg, beam: int, length_penalty: float | None = None) -> dict[str, float]:

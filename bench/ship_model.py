@@ -25,38 +25,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("IMCAP_ROOT", str(ROOT))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from flickr8k import KEYS, eval_scores  # noqa: E402
 
-from imcap.config import CONF_DIR  # noqa: E402
 from imcap.model import zoo  # noqa: E402
 from imcap.model.checkpoint import load_captioner, read_checkpoint, upgrade_hparams  # noqa: E402
-from imcap.pipeline.run import evaluate  # noqa: E402
-
-KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
 def score(ckpt: str, data_root: str, out: Path, beam: int) -> tuple[dict, dict, float]:
     """(scores, image -> caption, seconds) of `imcap-eval ckpt_path=... data=flickr8k split=val`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "eval",
-            [
-                f"ckpt_path={ckpt}",
-                "data=flickr8k",
-                f"data.root={data_root}",
-                "split=val",
-                f"model.beam_size={beam}",
-                f"paths.output_dir={out}",
-            ],
-        )
-    t = time.perf_counter()
-    scores = evaluate(cfg)
-    seconds = time.perf_counter() - t
+    overrides = ["data=flickr8k", f"data.root={data_root}", "split=val", f"model.beam_size={beam}"]
+    scores, seconds = eval_scores([ckpt], overrides, out)
     rows = json.loads((out / "captions_val.json").read_text())
     return scores, {r["image_id"]: r["caption"] for r in rows}, seconds
 

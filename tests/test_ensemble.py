@@ -139,16 +139,21 @@ def test_members_must_share_vocabulary_and_image_transform(tmp_path: Path) -> No
     assert not a.members()  # a refused join leaves the model alone
 
 
-def test_eval_cli_scores_an_ensemble(trained: dict, shared: Path, tmp_path: Path) -> None:
-    out = tmp_path / "eval"
-    ckpt = trained["ckpt"]
-    other = tmp_path / "other.ckpt"  # a second member: the same model with its decoder shaken
+def shaken_copy(ckpt: str, path: Path, seed: int) -> Path:
+    """A second member: the same checkpoint with its decoder weights scaled by noise."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for k, w in state["state_dict"].items():
         if k.startswith("decoder.") and w.is_floating_point():
             w.mul_(1 + 0.5 * torch.randn(w.shape, generator=gen))
-    torch.save(state, other)
+    torch.save(state, path)
+    return path
+
+
+def test_eval_cli_scores_an_ensemble(trained: dict, shared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    ckpt = trained["ckpt"]
+    other = shaken_copy(ckpt, tmp_path / "other.ckpt", seed=0)
     r = cli(
         "eval.py",
         f"ckpt_path=[{ckpt},{other}]",
@@ -174,13 +179,7 @@ def test_ensemble_bench_scores_members_and_ensemble_alike(trained: dict, tmp_pat
     """bench/ensemble.py: each member alone and the ensemble, scored by the same eval, in one JSON;
     a missing member is refused by name before anything runs."""
     ckpt = trained["ckpt"]
-    other = tmp_path / "other.ckpt"  # a second member: the same model with its decoder shaken
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    gen = torch.Generator().manual_seed(1)
-    for k, w in state["state_dict"].items():
-        if k.startswith("decoder.") and w.is_floating_point():
-            w.mul_(1 + 0.5 * torch.randn(w.shape, generator=gen))
-    torch.save(state, other)
+    other = shaken_copy(ckpt, tmp_path / "other.ckpt", seed=1)
     out = tmp_path / "ensemble.json"
     bench = [sys.executable, str(ROOT / "bench" / "ensemble.py")]
     args = ["--data", "", "--beam", "1", "--out", str(out), "metrics.meteor=false"]
