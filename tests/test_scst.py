@@ -129,3 +129,36 @@ def test_scst_mean_baseline_step_runs_and_uses_advantages(trained: dict) -> None
     loss = model.scst_step(batch)
     loss.backward()
     assert torch.isfinite(loss) and model.decoder.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_scst_without_dropout_learns_from_the_eval_policy(trained: dict, dropout: bool) -> None:
+    """scst.dropout=false: the captions are sampled and scored by the model in eval mode (the
+    policy decoded at test time), so the step's loss equals the eval-mode loss for the same
+    random draws; with dropout on it does not. Training mode is restored either way."""
+    model = load_captioner(
+        trained["ckpt"],
+        scst={"enabled": True, "num_samples": 4, "baseline": "mean", "dropout": dropout},
+    )
+    for m in model.decoder.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5  # the tiny model trained with 0.2: make dropout's effect unmistakable
+    refs = {0: [["a", "red", "circle"]], 1: [["two", "blue", "squares"]]}
+    model.self_critical.cider = CiderD(refs)
+    model.log = lambda *a, **k: None  # no trainer attached
+    torch.manual_seed(3)
+    batch = Batch(rows=torch.tensor([0, 1]), pooled=torch.randn(2, model.encoder.feature_dim))
+    model.train()
+    torch.manual_seed(0)
+    loss = model.scst_step(batch)
+    assert model.training and model.decoder.training
+    loss.backward()
+    assert model.decoder.head.weight.grad is not None
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        eval_loss, _ = model.self_critical.loss(model.decoder, model.features(batch), batch.rows)
+    if dropout:
+        assert abs(loss.item() - eval_loss.item()) > 1e-6
+    else:
+        assert loss.item() == pytest.approx(eval_loss.item(), abs=1e-6)

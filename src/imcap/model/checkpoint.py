@@ -214,6 +214,7 @@ LEGACY: dict[str, dict[str, Any]] = {  # imcap 0.1's values, then each key as it
         "baseline": "greedy",
         "temperature": 1.0,
         "eos_reward": False,
+        "dropout": True,
     },
 }
 # What imcap's decoder and encoder constructors took for an argument not given, before conf/

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 SECTIONS = {
     "loss": ("label_smoothing", "attention_reg", "ss_prob", "ss_ramp_epochs", "attributes"),
     "decoding": ("beam_size", "max_len", "length_penalty", "no_repeat_ngram_size"),
-    "scst": ("enabled", "num_samples", "baseline", "temperature", "eos_reward"),
+    "scst": ("enabled", "num_samples", "baseline", "temperature", "eos_reward", "dropout"),
 }
 
 
@@ -350,7 +350,15 @@ class Captioner(L.LightningModule):
             self.self_critical.prepare(self._link().train_references())
 
     def scst_step(self, batch: Batch) -> torch.Tensor:
-        loss, logs = self.self_critical.loss(self.decoder, self.features(batch), batch.rows)
+        """With `scst.dropout: false` the captions are sampled and learnt from in eval mode (no
+        dropout, BatchNorm statistics fixed): the policy improved is the one decoded at test
+        time, not a dropped-out variant of it. Gradients flow either way."""
+        if not self.scst["dropout"]:
+            self.eval()
+        try:
+            loss, logs = self.self_critical.loss(self.decoder, self.features(batch), batch.rows)
+        finally:
+            self.train()
         self._check_finite(loss)
         B = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)

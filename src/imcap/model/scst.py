@@ -56,10 +56,11 @@ class SelfCritical:
         reward = self.reward(tokens, rows.repeat_interleave(K).tolist())  # (B*K,)
         greedy_reward = None
         if self.cfg["baseline"] == "greedy":
+            was_training = decoder.training
             decoder.eval()
             with torch.no_grad():
                 g = greedy(decoder, feats, v.bos_id, v.eos_id, self.max_len).tokens
-            decoder.train()
+            decoder.train(was_training)
             greedy_reward = self.reward(g, rows.tolist())  # (B,)
         advantage, base = scst_advantages(reward.view(B, K), greedy_reward)  # (B*K,) each
         mask = (tokens != v.pad_id).float()  # (B*K, T): words and <eos>
