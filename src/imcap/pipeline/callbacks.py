@@ -568,3 +568,106 @@ class ProgressLog(L.Callback):
                 trainer.current_epoch,
                 time.perf_counter() - self._epoch_start,
             )
+
+
+class EMA(L.Callback):
+    """Exponential moving average of the weights (Polyak averaging), `callbacks.ema.decay`.
+
+    Validation, checkpoint selection, sample captions, attention maps and the saved weights all
+    use the average; the raw weights keep training. On a small data set the average is less
+    tied to the last noisy steps. A checkpoint's `state_dict` holds the average (so eval.py,
+    caption.py, exports and `init_from` use it) and `ema_raw_state_dict` the raw weights, so a
+    resumed fit continues both. Tracked: the trainable parameters and the floating-point
+    buffers (BatchNorm statistics); frozen weights do not move. The first updates average over
+    fewer steps (decay min(decay, (1 + n) / (10 + n)) at update n), so an early checkpoint is
+    not dominated by the initial weights. `decay: null` turns it off."""
+
+    RAW_KEY = "ema_raw_state_dict"
+
+    def __init__(self, decay: float | None = None) -> None:
+        if decay is not None and not 0.0 < float(decay) < 1.0:
+            raise UserError(f"callbacks.ema.decay must be in (0, 1), or null for off; got {decay}")
+        self.decay = None if decay is None else float(decay)
+        self.shadow: dict[str, torch.Tensor] | None = None  # name -> averaged (or, swapped, raw)
+        self.updates = 0
+        self.swapped = False  # True while the module holds the average (validation)
+        self._last_step = -1
+
+    @staticmethod
+    def tracked(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """name -> tensor of what training moves: trainable parameters, and the floating-point
+        buffers (BatchNorm statistics) of the modules that own one."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, mod in pl_module.named_modules():
+            params = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            pre = f"{prefix}." if prefix else ""
+            out.update({pre + n: p for n, p in params})
+            bufs = mod.named_buffers(recurse=False)
+            out.update({pre + n: b for n, b in bufs if b is not None and b.is_floating_point()})
+        return out
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.decay is not None and self.shadow is None:
+            self.shadow = {k: v.detach().clone() for k, v in self.tracked(pl_module).items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.shadow is None or trainer.global_step == self._last_step:
+            return  # off, or no optimizer step in this batch (gradient accumulation)
+        self._last_step = trainer.global_step
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = self.tracked(pl_module)
+        for k, avg in self.shadow.items():
+            avg.lerp_(current[k].detach().to(avg.dtype), 1.0 - d)
+
+    @torch.no_grad()
+    def _swap(self, pl_module: L.LightningModule) -> None:
+        current = self.tracked(pl_module)
+        for k, avg in self.shadow.items():
+            tmp = current[k].detach().clone()
+            current[k].data.copy_(avg)
+            avg.copy_(tmp)
+        self.swapped = not self.swapped
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.shadow is not None and not self.swapped:
+            self._swap(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the figures (listed before this callback) and before the checkpoint callbacks,
+        # which Lightning runs last: the module trains on its raw weights again
+        if self.shadow is not None and self.swapped:
+            self._swap(pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.shadow is None:
+            return
+        weights = checkpoint["state_dict"]
+        if self.swapped:  # saved mid-validation: the module holds the average, `shadow` the raw
+            raw = {k: v.detach().clone() for k, v in self.shadow.items()}
+        else:
+            raw = {k: weights[k].detach().clone() for k in self.shadow}
+            weights.update({k: v.detach().clone() for k, v in self.shadow.items()})
+        checkpoint[self.RAW_KEY] = raw
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.updates = int(state_dict.get("updates", 0))
+
+    @torch.no_grad()
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """Resuming a fit: the module was loaded with the average; it goes on from its raw
+        weights and the average from where it was."""
+        raw = checkpoint.get(self.RAW_KEY)
+        if self.decay is None or raw is None:
+            return
+        current = self.tracked(pl_module)
+        self.shadow = {k: current[k].detach().clone() for k in raw}
+        for k, v in raw.items():
+            current[k].data.copy_(v)
+        self.swapped = False
