@@ -93,3 +93,11 @@ def test_fit_with_ema_saves_the_average_and_loads_anywhere(shared) -> None:
     assert not any(k.startswith("encoder.") for k in raw)  # the frozen CNN does not move
     model = load_captioner(str(out / "checkpoints" / "last.ckpt"))
     assert torch.equal(model.state_dict()[head], avg[head])
+
+    # a resumed fit continues the average (its update count goes on from the checkpoint's)
+    more = tiny_overrides(shared, "trainer.max_epochs=3", "callbacks.ema.decay=0.9")
+    last = out / "checkpoints" / "last.ckpt"
+    train(compose_train([*more, *run_dir(shared, "ema_resumed"), f"ckpt_path={last}"]))
+    resumed = read_checkpoint(str(shared / "ema_resumed" / "checkpoints" / "last.ckpt"))
+    n0, n1 = (c["callbacks"]["EMA"]["updates"] for c in (ckpt, resumed))
+    assert n1 > n0 > 0 and resumed["epoch"] == 2
