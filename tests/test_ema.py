@@ -66,6 +66,24 @@ def test_ema_averages_swaps_for_validation_and_saves_the_average() -> None:
     assert torch.allclose(ema2.shadow["0.weight"], expected) and ema2.updates == 3
 
 
+def test_ema_of_bf16_weights_is_kept_in_float32() -> None:
+    """With bf16 weights the average is kept in float32: small steps still move it."""
+    m, ema, trainer = toy().to(torch.bfloat16), EMA(decay=0.999), SimpleNamespace(global_step=0)
+    m[0].weight.data.fill_(1.0)
+    ema.on_fit_start(trainer, m)
+    assert all(v.dtype == torch.float32 for v in ema.shadow.values())
+    ema.updates = 10_000  # past the warm-up: decay 0.999, each step moves the average by 1e-3
+    for _ in range(3):
+        step(ema, m, trainer, 1.5)
+    assert ema.shadow["0.weight"][0, 0].item() == pytest.approx(
+        1.0 + 0.5 * (1 - 0.999**3), rel=1e-4
+    )
+    ema.on_validation_epoch_start(trainer, m)
+    assert m[0].weight.dtype == torch.bfloat16
+    ema.on_validation_end(trainer, m)
+    assert torch.all(m[0].weight == 1.5)
+
+
 def test_ema_off_changes_nothing_and_a_bad_decay_is_refused() -> None:
     m, ema, trainer = toy(), EMA(decay=None), SimpleNamespace(global_step=0)
     ema.on_fit_start(trainer, m)

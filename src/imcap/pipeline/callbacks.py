@@ -610,7 +610,11 @@ class EMA(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.decay is not None and self.shadow is None:
-            self.shadow = {k: v.detach().clone() for k, v in self.tracked(pl_module).items()}
+            # float32 whatever the weights are (an average kept in bf16 would stop moving)
+            self.shadow = {
+                k: v.detach().to(torch.float32, copy=True)
+                for k, v in self.tracked(pl_module).items()
+            }
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -621,13 +625,13 @@ class EMA(L.Callback):
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         current = self.tracked(pl_module)
         for k, avg in self.shadow.items():
-            avg.lerp_(current[k].detach().to(avg.dtype), 1.0 - d)
+            avg.lerp_(current[k].detach().float(), 1.0 - d)
 
     @torch.no_grad()
     def _swap(self, pl_module: L.LightningModule) -> None:
         current = self.tracked(pl_module)
         for k, avg in self.shadow.items():
-            tmp = current[k].detach().clone()
+            tmp = current[k].detach().to(torch.float32, copy=True)
             current[k].data.copy_(avg)
             avg.copy_(tmp)
         self.swapped = not self.swapped
@@ -647,10 +651,10 @@ class EMA(L.Callback):
             return
         weights = checkpoint["state_dict"]
         if self.swapped:  # saved mid-validation: the module holds the average, `shadow` the raw
-            raw = {k: v.detach().clone() for k, v in self.shadow.items()}
+            raw = {k: v.to(weights[k].dtype, copy=True) for k, v in self.shadow.items()}
         else:
             raw = {k: weights[k].detach().clone() for k in self.shadow}
-            weights.update({k: v.detach().clone() for k, v in self.shadow.items()})
+            weights.update({k: v.to(weights[k].dtype, copy=True) for k, v in self.shadow.items()})
         checkpoint[self.RAW_KEY] = raw
 
     def state_dict(self) -> dict[str, Any]:
@@ -667,7 +671,7 @@ class EMA(L.Callback):
         if self.decay is None or raw is None:
             return
         current = self.tracked(pl_module)
-        self.shadow = {k: current[k].detach().clone() for k in raw}
+        self.shadow = {k: current[k].detach().to(torch.float32, copy=True) for k in raw}
         for k, v in raw.items():
             current[k].data.copy_(v)
         self.swapped = False
