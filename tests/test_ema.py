@@ -65,6 +65,11 @@ def test_ema_averages_swaps_for_validation_and_saves_the_average() -> None:
     assert torch.all(m2[0].weight == -2.0)
     assert torch.allclose(ema2.shadow["0.weight"], expected) and ema2.updates == 3
 
+    # an average of other weights (another model's, or a file edited by hand) is refused by name
+    odd = {**ckpt, EMA.RAW_KEY: {**ckpt[EMA.RAW_KEY], "9.weight": torch.zeros(2)}}
+    with pytest.raises(UserError, match=r"9\.weight.*callbacks.ema.decay=null"):
+        EMA(decay=0.5).on_load_checkpoint(trainer, toy(), odd)
+
 
 def test_ema_of_bf16_weights_is_kept_in_float32() -> None:
     """With bf16 weights the average is kept in float32: small steps still move it."""

@@ -353,12 +353,14 @@ class Captioner(L.LightningModule):
         """With `scst.dropout: false` the captions are sampled and learnt from in eval mode (no
         dropout, BatchNorm statistics fixed): the policy improved is the one decoded at test
         time, not a dropped-out variant of it. Gradients flow either way."""
-        if not self.scst["dropout"]:
+        eval_policy = not self.scst["dropout"]
+        if eval_policy:
             self.eval()
         try:
             loss, logs = self.self_critical.loss(self.decoder, self.features(batch), batch.rows)
         finally:
-            self.train()
+            if eval_policy:
+                self.train()
         self._check_finite(loss)
         B = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)

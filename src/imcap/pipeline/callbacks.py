@@ -591,6 +591,7 @@ class EMA(L.Callback):
         self.shadow: dict[str, torch.Tensor] | None = None  # name -> averaged (or, swapped, raw)
         self.updates = 0
         self.swapped = False  # True while the module holds the average (validation)
+        self._live: dict[str, torch.Tensor] = {}  # name -> the module's tensor, found once per fit
         self._last_step = -1
 
     @staticmethod
@@ -609,11 +610,13 @@ class EMA(L.Callback):
         return out
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.decay is not None and self.shadow is None:
+        if self.decay is None:
+            return
+        self._live = self.tracked(pl_module)
+        if self.shadow is None:  # (a resumed fit has it from the checkpoint already)
             # float32 whatever the weights are (an average kept in bf16 would stop moving)
             self.shadow = {
-                k: v.detach().to(torch.float32, copy=True)
-                for k, v in self.tracked(pl_module).items()
+                k: v.detach().to(torch.float32, copy=True) for k, v in self._live.items()
             }
 
     @torch.no_grad()
@@ -623,13 +626,12 @@ class EMA(L.Callback):
         self._last_step = trainer.global_step
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        current = self.tracked(pl_module)
         for k, avg in self.shadow.items():
-            avg.lerp_(current[k].detach().float(), 1.0 - d)
+            avg.lerp_(self._live[k].detach().float(), 1.0 - d)
 
     @torch.no_grad()
     def _swap(self, pl_module: L.LightningModule) -> None:
-        current = self.tracked(pl_module)
+        current = self._live or self.tracked(pl_module)
         for k, avg in self.shadow.items():
             tmp = current[k].detach().to(torch.float32, copy=True)
             current[k].data.copy_(avg)
@@ -671,6 +673,14 @@ class EMA(L.Callback):
         if self.decay is None or raw is None:
             return
         current = self.tracked(pl_module)
+        if set(raw) != set(current):
+            odd = sorted(set(raw) ^ set(current))[:3]
+            raise UserError(
+                f"the checkpoint's weight average does not fit this model (e.g. {odd}): resume "
+                "with the settings it was trained with (encoder.tune_stages, decoder), or "
+                "callbacks.ema.decay=null to continue from its averaged weights alone"
+            )
+        self._live = current
         self.shadow = {k: current[k].detach().to(torch.float32, copy=True) for k in raw}
         for k, v in raw.items():
             current[k].data.copy_(v)
