@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import encoder_args
+from conftest import ROOT, encoder_args
 
 from imcap.config import group_section
 from imcap.model.decoders.show_tell import ShowTellDecoder
@@ -232,3 +237,31 @@ def test_no_repeat_ngram_guard_blocks_repeats_and_is_off_by_default() -> None:
         words = [w for w in toks if w not in (0, 2)]
         trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
         assert len(trigrams) == len(set(trigrams)) and len(words) >= 6  # kept going, no repeat
+
+
+def test_decode_grid_bench_scores_each_value_of_one_option(trained: dict, tmp_path: Path) -> None:
+    """bench/decode_grid.py: one checkpoint, one eval per value of a decoding option, one JSON;
+    the values really reach the decoder (a 1-gram block forbids any repeated word, so its
+    captions differ from unblocked ones); a missing checkpoint is refused by name."""
+    out = tmp_path / "grid.json"
+    bench = [sys.executable, str(ROOT / "bench" / "decode_grid.py")]
+    args = ["--data", "", "--beam", "2", "--out", str(out), "metrics.meteor=false"]
+    option = ["--option", "model.no_repeat_ngram_size", "--values", "0,1"]
+    r = subprocess.run(
+        [*bench, "--ckpt", str(trained["ckpt"]), *option, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [run["model.no_repeat_ngram_size"] for run in runs] == ["0", "1"]
+    assert all(run["scores"]["num_images"] == 80 for run in runs)
+    assert runs[0]["scores"] != runs[1]["scores"]
+
+    missing = tmp_path / "nowhere.ckpt"
+    r = subprocess.run(
+        [*bench, "--ckpt", str(missing), *option, *args], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0 and str(missing) in r.stderr
