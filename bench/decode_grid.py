@@ -63,7 +63,10 @@ def main() -> None:
         )
         scores = {k: float(v) for k, v in scores.items() if k in (*KEYS, "num_images")}
         runs.append({args.option: value, "scores": scores, "wall_seconds": round(seconds, 1)})
-        print(f"{args.option}={value}: " + "  ".join(f"{k} {scores[k] * 100:.2f}" for k in KEYS))
+        print(
+            f"{args.option}={value}: "
+            + "  ".join(f"{k} {scores[k] * 100:.2f}" for k in KEYS if k in scores)
+        )
     result = {
         "bench": f"eval.py on {args.data or 'the checkpoints dataset'} {args.split}, beam {args.beam}, "
         f"one checkpoint under each value of {args.option} (joint mode: raw images)",
