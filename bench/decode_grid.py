@@ -67,8 +67,11 @@ def main() -> None:
             f"{args.option}={value}: "
             + "  ".join(f"{k} {scores[k] * 100:.2f}" for k in KEYS if k in scores)
         )
+    beam = (
+        "" if args.option == "model.beam_size" else f", beam {args.beam}"
+    )  # the grid's (last wins)
     result = {
-        "bench": f"eval.py on {args.data or 'the checkpoints dataset'} {args.split}, beam {args.beam}, "
+        "bench": f"eval.py on {args.data or 'the checkpoints dataset'} {args.split}{beam}, "
         f"one checkpoint under each value of {args.option} (joint mode: raw images)",
         "checkpoint": args.ckpt,
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
