@@ -129,7 +129,9 @@ def records(tmp_path: Path, n_train: int = 6, n_val: int = 3) -> list[ImageRecor
     ]
 
 
-def datamodule(tmp_path: Path, recs: list[ImageRecord], mode: str, **kw) -> CaptionDataModule:
+def datamodule(
+    tmp_path: Path, recs: list[ImageRecord], mode: str, scst: dict | None = None, **kw
+) -> CaptionDataModule:
     """The data module for a stand-in model (vocabulary, tiny encoder, a grid-reading decoder)."""
     captions = (tokenize(c) for r in recs if r.split == "train" for c in r.captions)
     model = SimpleNamespace(
@@ -137,6 +139,7 @@ def datamodule(tmp_path: Path, recs: list[ImageRecord], mode: str, **kw) -> Capt
         encoder=tiny_encoder(),
         decoder=SimpleNamespace(uses_grid=True),
         connect=lambda link: None,
+        scst=scst or {"enabled": False},
     )
     data = {
         **data_config("synthetic"),  # the whole data section, as a run composes it
@@ -438,3 +441,87 @@ def test_a_cache_only_rank_0_holds_is_built_by_the_others_not_awaited(sharded: P
     assert Path(b["directory"]).parent.parent == sharded / "warm1"
     ref = Path(a["directory"]) / "pooled.f16"
     assert (Path(b["directory"]) / "pooled.f16").read_bytes() == ref.read_bytes()
+
+
+# -- data.hflip: mirrored training images, left and right swapped in their captions ----------------
+def mirror_records(tmp_path: Path) -> list[ImageRecord]:
+    paths = make_images(tmp_path / "img", 8)
+    caps = ["a dog on the left", "a cat to the right of a box"]
+    return [
+        ImageRecord(f"im{i}", p, list(caps), "train" if i < 6 else "val")
+        for i, p in enumerate(paths)
+    ]
+
+
+def words(dm: CaptionDataModule, tokens: torch.Tensor) -> list[str]:
+    return [dm.vocab.decode(t.tolist()[1:]) for t in tokens]
+
+
+def test_vocab_mirror_swaps_left_and_right_only_when_both_are_known() -> None:
+    v = Vocab.build([["a", "dog", "on", "the", "left"], ["right", "of", "it"]])
+    m = v.mirror_ids()
+    assert m[v.index["left"]] == v.index["right"] and m[v.index["right"]] == v.index["left"]
+    assert [m[i] for i in range(len(v)) if v.tokens[i] not in ("left", "right")] == [
+        i for i in range(len(v)) if v.tokens[i] not in ("left", "right")
+    ]
+    only_left = Vocab.build([["a", "dog", "on", "the", "left"]])
+    assert only_left.mirror_ids() == list(range(len(only_left)))  # no partner: unchanged
+
+
+@pytest.mark.parametrize("mode", ["two_step", "joint"])
+def test_hflip_batches_hold_the_mirror_image_and_swapped_words(tmp_path: Path, mode: str) -> None:
+    recs = mirror_records(tmp_path)
+    plain_dm = datamodule(tmp_path, recs, mode)
+    dm = datamodule(tmp_path, recs, mode, hflip=1.0)
+    raw = next(iter(plain_dm.train_dataloader()))
+    base = plain_dm.on_after_batch_transfer(plain_dm.on_before_batch_transfer(raw, 0), 0)
+    flip = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)
+    assert base.flipped is None and bool(flip.flipped.all())
+    swap = {"left": "right", "right": "left"}
+    for a, b in zip(words(plain_dm, base.tokens), words(dm, flip.tokens), strict=True):
+        assert b == " ".join(swap.get(w, w) for w in a.split()) and a != b
+    enc = dm.encoder.eval()
+    if mode == "joint":
+        torch.testing.assert_close(flip.images, base.images.flip(-1))
+        return
+    # the mirrored cache holds the encoder's features of the mirrored images
+    files = ImageFiles([recs[r].path for r in flip.rows.tolist()], make_transform(enc.data_config))
+    images = torch.stack([files[i][1] for i in range(len(files))]).flip(-1)  # (B, 3, H, W)
+    with torch.no_grad():
+        want = enc(images, grid=True)
+    torch.testing.assert_close(flip.grid, want.grid, atol=2e-2, rtol=2e-3)  # float16 storage
+    torch.testing.assert_close(flip.pooled, want.pooled, atol=2e-2, rtol=2e-3)
+    assert not torch.allclose(flip.grid, base.grid, atol=1e-2)  # not the unmirrored features
+    assert dm.flip_cache.directory != dm.cache.directory  # a cache of its own
+    assert dm.flip_cache.manifest["num_images"] == 6  # the train images only
+
+
+def test_hflip_draws_once_per_image_and_leaves_eval_batches_alone(tmp_path: Path) -> None:
+    recs = mirror_records(tmp_path)
+    dm = datamodule(tmp_path, recs, "two_step", hflip=0.5, batch_size=12)
+    shares = []
+    for _ in range(20):
+        for raw in dm.train_dataloader():
+            b = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)
+            for row in b.rows.unique():
+                same = b.flipped[b.rows == row]
+                assert bool((same == same[0]).all())  # an image's captions share its draw
+            shares.append(b.flipped.float().mean().item())
+            # every item holds the features of the input it claims
+            for key, flag in (("grid", False), ("grid_flip", True)):
+                sel = b.flipped == flag
+                torch.testing.assert_close(b.grid[sel], dm.bank[key][b.rows[sel]].float())
+    assert 0.3 < sum(shares) / len(shares) < 0.7
+    val = dm.on_after_batch_transfer(
+        dm.on_before_batch_transfer(next(iter(dm.val_dataloader())), 0), 0
+    )
+    assert val.flipped is None  # evaluation never mirrors
+    torch.testing.assert_close(val.grid, dm.bank["grid"][val.rows].float())
+
+
+def test_hflip_is_refused_for_scst_and_checked(tmp_path: Path) -> None:
+    recs = mirror_records(tmp_path)
+    with pytest.raises(UserError, match="data.hflip"):
+        datamodule(tmp_path, recs, "two_step", hflip=1.5)
+    with pytest.raises(UserError, match="data.hflip=0.5 with model.scst.enabled"):
+        datamodule(tmp_path, recs, "two_step", hflip=0.5, scst={"enabled": True})

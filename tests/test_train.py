@@ -337,6 +337,67 @@ def test_tuned_stages_train_on_cached_trunk_maps_and_caption_raw_images_alike(
     ]
 
 
+def test_training_on_mirrored_images_learns(shared: Path) -> None:
+    """data.hflip=0.5: half the training images are seen mirrored (left/right swapped in their
+    captions); val images never are. It still learns to the bar of the plain run."""
+    overrides = tiny_overrides(
+        shared, *LEARN, "data.hflip=0.5", "test=false", *run_dir(shared, "hf")
+    )
+    val = train(compose_train(overrides))
+    assert val is not None and val > TRAINED_MIN
+    cache = [json.loads(p.read_text()) for p in (shared / "cache").rglob("manifest.json")]
+    mirrored = [m for m in cache if m.get("hflip")]
+    assert mirrored and mirrored[0]["num_images"] == 800  # the train images only, once
+    ckpt = torch.load(shared / "hf" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "hflip" not in ckpt["hyper_parameters"]["data"]  # scoring it never mirrors
+
+
+def test_an_image_and_its_mirror_are_distinct_inputs_of_the_tuned_stage(shared: Path) -> None:
+    """data.hflip with encoder.tune_stages and attributes trains; the tuned stage dedups a
+    batch's images by row, so a row seen plain and mirrored in one batch is two inputs, and an
+    attribute target of a mirrored image says right for left."""
+    from imcap.model.batch import Batch
+
+    name = "hf_tuned"
+    overrides = tiny_overrides(
+        shared,
+        "encoder.tune_stages=1",
+        "decoder=topdown",
+        "decoder.attributes=20",
+        "decoder.attention_dim=64",
+        "data.hflip=1.0",
+        "data.group_by_image=true",
+        "data.source.n_train=100",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=4",
+        "test=false",
+        *run_dir(shared, name),
+    )
+    assert train(compose_train(overrides)) is not None
+    log = list(csv.DictReader((shared / name / "csv" / "metrics.csv").open()))
+    bce = [float(r["train/attributes"]) for r in log if r.get("train/attributes")]
+    assert bce and all(torch.isfinite(torch.tensor(bce)))
+    model = load_captioner(shared / name / "checkpoints" / "last.ckpt").eval()
+    vocab = model.vocab
+    column = {w: j for j, w in enumerate(model.attributes.word_ids.tolist())}
+    left, right = column[vocab.index["left"]], column[vocab.index["right"]]  # frequent words here
+    model.setup_attributes({0: [["a", "red", "disc", "on", "the", "left"]], 1: [["a", "disc"]]})
+    expect = list(range(len(column)))
+    expect[left], expect[right] = right, left
+    assert model._attr_mirror.tolist() == expect
+    torch.manual_seed(0)
+    trunk = torch.randn(1, 9, 192)  # (1, 3*3, C_t): Lite0's trunk map at 96 px
+    grid = torch.cat([trunk, trunk.flip(1)])  # (2, 9, C_t): a map and its mirror-like twin
+    rows = torch.tensor([0, 0])
+    with torch.no_grad():
+        both = model.features(Batch(rows=rows, grid=grid, pooled=grid.mean(1)))
+        apart = model.features(
+            Batch(rows=rows, grid=grid, pooled=grid.mean(1), flipped=torch.tensor([False, True]))
+        )
+    assert torch.equal(both.grid[0], both.grid[1])  # one image: computed once, shared
+    assert not torch.allclose(apart.grid[0], apart.grid[1])  # image and mirror: each its own
+
+
 def test_tune_stages_refuses_what_it_cannot_split() -> None:
     from imcap.model.encoder import Encoder
 

@@ -22,6 +22,8 @@ from imcap.errors import UserError
 # Tokens pycocoevalcap's PTBTokenizer wrapper drops after tokenizing. It compares the *lower-cased*
 # Java output with "-LRB-", "-RRB-", ... so bracket tokens survive in the toolkit as "-lrb-" etc.;
 # we keep them too, to score exactly what the toolkit scores.
+# words whose meaning a left-right mirror swaps (data.hflip): a flipped image's captions swap them
+MIRROR_WORDS = (("left", "right"),)
 PUNCTUATION = frozenset({"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"})
 
 # The emulation below follows the rules of Stanford CoreNLP 3.4.1's PTBLexer (the jar pycocoevalcap
@@ -304,6 +306,16 @@ class Vocab:
                 continue
             words.append(self.tokens[i])
         return " ".join(words)
+
+    def mirror_ids(self) -> list[int]:
+        """id -> the id of its word in a left-right mirrored image (`MIRROR_WORDS`: left <->
+        right), every other id to itself: the captions of a horizontally flipped training image
+        (data.hflip). A pair is swapped only when both words are in the vocabulary."""
+        ids = list(range(len(self.tokens)))
+        for a, b in MIRROR_WORDS:
+            if a in self.index and b in self.index:
+                ids[self.index[a]], ids[self.index[b]] = self.index[b], self.index[a]
+        return ids
 
     def to_dict(self) -> dict:
         return {"tokens": list(self.tokens), "max_len": self.max_len}

@@ -24,6 +24,9 @@ class Batch:
     images: torch.Tensor | None = None  # (B, 3, H, W) transformed images (joint mode)
     pooled: torch.Tensor | None = None  # (B, C) cached pooled features (two-step mode)
     grid: torch.Tensor | None = None  # (B, R, C') cached feature map (two-step, attention)
+    # (B,) bool: items whose image is seen mirrored left-right (data.hflip; training only): their
+    # features/images are the mirror's and their tokens already say right for left
+    flipped: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.rows.numel())

