@@ -129,9 +129,7 @@ def records(tmp_path: Path, n_train: int = 6, n_val: int = 3) -> list[ImageRecor
     ]
 
 
-def datamodule(
-    tmp_path: Path, recs: list[ImageRecord], mode: str, scst: dict | None = None, **kw
-) -> CaptionDataModule:
+def datamodule(tmp_path: Path, recs: list[ImageRecord], mode: str, **kw) -> CaptionDataModule:
     """The data module for a stand-in model (vocabulary, tiny encoder, a grid-reading decoder)."""
     captions = (tokenize(c) for r in recs if r.split == "train" for c in r.captions)
     model = SimpleNamespace(
@@ -139,7 +137,6 @@ def datamodule(
         encoder=tiny_encoder(),
         decoder=SimpleNamespace(uses_grid=True),
         connect=lambda link: None,
-        scst=scst or {"enabled": False},
     )
     data = {
         **data_config("synthetic"),  # the whole data section, as a run composes it
@@ -519,9 +516,7 @@ def test_hflip_draws_once_per_image_and_leaves_eval_batches_alone(tmp_path: Path
     torch.testing.assert_close(val.grid, dm.bank["grid"][val.rows].float())
 
 
-def test_hflip_is_refused_for_scst_and_checked(tmp_path: Path) -> None:
-    recs = mirror_records(tmp_path)
-    with pytest.raises(UserError, match="data.hflip"):
-        datamodule(tmp_path, recs, "two_step", hflip=1.5)
-    with pytest.raises(UserError, match="data.hflip=0.5 with model.scst.enabled"):
-        datamodule(tmp_path, recs, "two_step", hflip=0.5, scst={"enabled": True})
+@pytest.mark.parametrize("bad", [1.5, -0.1, True, "half"])
+def test_hflip_outside_zero_to_one_is_a_named_error(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(UserError, match=r"data.hflip must be a probability in \[0, 1\]"):
+        datamodule(tmp_path, mirror_records(tmp_path), "two_step", hflip=bad)

@@ -117,6 +117,52 @@ def test_reward_counts_eos() -> None:
     assert scores[False, 10] == pytest.approx(scores[False, 3])
 
 
+def test_a_mirrored_images_caption_earns_what_its_mirror_caption_earns() -> None:
+    """data.hflip in SCST: a sample of a mirrored image is scored as its mirror caption (left
+    <-> right) against the image's own references, so "on the right" is right for it."""
+    words = ["a", "dog", "on", "the", "left", "right", "cat", "grass"]
+    vocab = Vocab(list(Vocab.SPECIALS) + words, max_len=10).to_dict()
+    model = Captioner(
+        vocab, encoder_args("resnet18"), group_section("decoder", "lstm"), **model_sections()
+    )
+    sc, v = model.self_critical, model.vocab
+    refs = {0: [["a", "dog", "on", "the", "left"]], 1: [["a", "cat", "on", "the", "grass"]]}
+    sc.cider = scst_reward(refs, eos=True)
+
+    def caption(*ws: str) -> list[int]:
+        return [*v.encode(list(ws)), v.eos_id]
+
+    tokens = torch.tensor(
+        [caption("a", "dog", "on", "the", "left"), caption("a", "dog", "on", "the", "right")]
+    )
+    plain = sc.reward(tokens, [0, 0])
+    mirrored = sc.reward(tokens, [0, 0], torch.tensor([True, True]))
+    assert plain[0] > plain[1] + 0.5  # the image itself: left is right
+    torch.testing.assert_close(mirrored, plain.flip(0))  # its mirror: right is right
+    mixed = sc.reward(tokens, [0, 0], torch.tensor([False, True]))
+    torch.testing.assert_close(mixed, torch.stack([plain[0], plain[0]]))
+
+
+def test_scst_stage_runs_on_mirrored_images(trained: dict, shared: Path) -> None:
+    """data.hflip=1.0 in an SCST stage: every training image mirrored, its samples scored as
+    their mirror captions; the rewards logged are those of real captions (well above 0)."""
+    overrides = tiny_overrides(
+        shared,
+        *LEARN,
+        "experiment=scst_synthetic",
+        f"init_from={trained['ckpt']}",
+        "trainer.max_epochs=1",
+        "data.hflip=1.0",
+        "test=false",
+        "trainer.log_every_n_steps=1",
+        *run_dir(shared, "scst_hflip"),
+    )
+    train(compose_train(overrides))
+    with (shared / "scst_hflip" / "csv" / "metrics.csv").open() as fh:
+        rewards = [float(r["train/reward"]) for r in csv.DictReader(fh) if r.get("train/reward")]
+    assert len(rewards) >= 10 and sum(rewards) / len(rewards) > 0.3
+
+
 def test_scst_mean_baseline_step_runs_and_uses_advantages(trained: dict) -> None:
     model = load_captioner(
         trained["ckpt"], scst={"enabled": True, "num_samples": 4, "baseline": "mean"}

@@ -371,7 +371,9 @@ class Captioner(L.LightningModule):
         if eval_policy:
             self.eval()
         try:
-            loss, logs = self.self_critical.loss(self.decoder, self.features(batch), batch.rows)
+            loss, logs = self.self_critical.loss(
+                self.decoder, self.features(batch), batch.rows, batch.flipped
+            )
         finally:
             if eval_policy:
                 self.train()

@@ -35,6 +35,7 @@ class SelfCritical:
         check_scst(cfg)
         self.cfg, self.vocab, self.decoding = cfg, vocab, decoding  # decoding: read at each use
         self.cider: Callable[[list[list[str]], list[int]], Any] | None = None
+        self.mirror = torch.tensor(vocab.mirror_ids())  # (V,) id -> its mirror word's id
 
     @property
     def max_len(self) -> int:
@@ -46,14 +47,21 @@ class SelfCritical:
             self.cider = scst_reward(refs, self.cfg["eos_reward"])
 
     def loss(
-        self, decoder: CaptionDecoder, feats: Features, rows: torch.Tensor
+        self,
+        decoder: CaptionDecoder,
+        feats: Features,
+        rows: torch.Tensor,
+        flipped: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss over K samples of each image of the batch; rows (B,) key the references."""
+        """Loss over K samples of each image of the batch; rows (B,) key the references, and
+        `flipped` (B,) marks images seen mirrored (data.hflip): a caption of a mirrored image
+        earns what its mirror caption (left <-> right) earns on the image itself."""
         B, K, v = rows.size(0), int(self.cfg["num_samples"]), self.vocab
         tokens, logp = sample(
             decoder, feats, v.bos_id, v.eos_id, self.max_len, K, float(self.cfg["temperature"])
         )  # (B*K, T) each
-        reward = self.reward(tokens, rows.repeat_interleave(K).tolist())  # (B*K,)
+        flips = None if flipped is None else flipped.repeat_interleave(K)  # (B*K,)
+        reward = self.reward(tokens, rows.repeat_interleave(K).tolist(), flips)  # (B*K,)
         greedy_reward = None
         if self.cfg["baseline"] == "greedy":
             was_training = decoder.training
@@ -61,19 +69,25 @@ class SelfCritical:
             with torch.no_grad():
                 g = greedy(decoder, feats, v.bos_id, v.eos_id, self.max_len).tokens
             decoder.train(was_training)
-            greedy_reward = self.reward(g, rows.tolist())  # (B,)
+            greedy_reward = self.reward(g, rows.tolist(), flipped)  # (B,)
         advantage, base = scst_advantages(reward.view(B, K), greedy_reward)  # (B*K,) each
         mask = (tokens != v.pad_id).float()  # (B*K, T): words and <eos>
         loss = -(advantage.unsqueeze(1) * logp * mask).sum() / mask.sum()
         return loss, {"reward": reward.mean(), "baseline": base.mean()}
 
-    def reward(self, tokens: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def reward(
+        self, tokens: torch.Tensor, ids: list[int], flipped: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """CIDEr-D of each caption. With `eos_reward` a caption that ended by choosing <eos>
         (not cut at max_len) carries it as a last word, and so do the references: n-grams such
         as "the grass <eos>" reward proper endings and punish captions that stop mid-phrase
-        ("a dog runs on the <eos>"), as in Rennie et al.'s and Luo's implementations."""
+        ("a dog runs on the <eos>"), as in Rennie et al.'s and Luo's implementations. Captions
+        of `flipped` (mirrored) images are scored as their mirror captions."""
         if self.cider is None:
             raise RuntimeError("SelfCritical.prepare(training references) first")
+        if flipped is not None:
+            mirrored = self.mirror.to(tokens.device)[tokens]  # (N, T)
+            tokens = torch.where(flipped.to(tokens.device)[:, None], mirrored, tokens)
         words = [self.vocab.decode(t).split() for t in tokens.tolist()]
         if self.cfg["eos_reward"]:
             words = [w + [EOS_WORD] if len(w) < self.max_len else w for w in words]

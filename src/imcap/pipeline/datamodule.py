@@ -344,13 +344,6 @@ class CaptionDataModule(L.LightningDataModule):
         self.vocab = model.vocab
         # a grid when the decoder attends, or the trunk's map for the tuned stages to take
         grid = model.decoder.uses_grid or model.encoder.tune_stages > 0
-        scst = getattr(model, "scst", None) or {}
-        if self.hflip > 0 and scst.get("enabled"):
-            raise UserError(
-                f"data.hflip={self.hflip} with model.scst.enabled=true: the self-critical reward "
-                "scores samples against the unmirrored references; fix: set data.hflip=0 for "
-                "the SCST stage (augment the cross-entropy stage)"
-            )
         self._attach(model.encoder, mode, grid=grid)
         self.model = model
         return self
