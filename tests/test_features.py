@@ -493,6 +493,30 @@ def test_hflip_batches_hold_the_mirror_image_and_swapped_words(tmp_path: Path, m
     assert dm.flip_cache.manifest["num_images"] == 6  # the train images only
 
 
+def test_hflip_with_an_image_id_in_two_splits_is_a_named_error(tmp_path: Path) -> None:
+    recs = mirror_records(tmp_path)
+    recs[6] = ImageRecord("im1", recs[6].path, recs[6].captions, "val")  # train's im1 again
+    with pytest.raises(UserError, match=r"1 training image id\(s\) also belong.*im1"):
+        datamodule(tmp_path, recs, "two_step", hflip=0.5)
+
+
+def test_joint_hflip_mirrors_exactly_the_drawn_items(tmp_path: Path) -> None:
+    recs = mirror_records(tmp_path)
+    plain_dm = datamodule(tmp_path, recs, "joint", batch_size=12)
+    dm = datamodule(tmp_path, recs, "joint", hflip=0.5, batch_size=12)
+    raw = next(iter(plain_dm.train_dataloader()))
+    base = plain_dm.on_after_batch_transfer(plain_dm.on_before_batch_transfer(raw, 0), 0)
+    for _ in range(4):  # until a batch holds both kinds
+        flip = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)
+        if 0 < int(flip.flipped.sum()) < len(flip):
+            break
+    f = flip.flipped
+    assert 0 < int(f.sum()) < len(flip)
+    torch.testing.assert_close(flip.images[f], base.images[f].flip(-1))
+    torch.testing.assert_close(flip.images[~f], base.images[~f])
+    assert torch.equal(flip.tokens[~f], base.tokens[~f])
+
+
 def test_hflip_draws_once_per_image_and_leaves_eval_batches_alone(tmp_path: Path) -> None:
     recs = mirror_records(tmp_path)
     dm = datamodule(tmp_path, recs, "two_step", hflip=0.5, batch_size=12)

@@ -143,9 +143,19 @@ def test_a_mirrored_images_caption_earns_what_its_mirror_caption_earns() -> None
     torch.testing.assert_close(mixed, torch.stack([plain[0], plain[0]]))
 
 
-def test_scst_stage_runs_on_mirrored_images(trained: dict, shared: Path) -> None:
+def test_scst_stage_runs_on_mirrored_images(trained: dict, shared: Path, monkeypatch) -> None:
     """data.hflip=1.0 in an SCST stage: every training image mirrored, its samples scored as
     their mirror captions; the rewards logged are those of real captions (well above 0)."""
+    from imcap.model.scst import SelfCritical
+
+    seen: list[torch.Tensor | None] = []
+    real = SelfCritical.reward
+
+    def spy(self, tokens, ids, flipped=None):  # noqa: ANN001, ANN202 - records what reward got
+        seen.append(flipped)
+        return real(self, tokens, ids, flipped)
+
+    monkeypatch.setattr(SelfCritical, "reward", spy)
     overrides = tiny_overrides(
         shared,
         *LEARN,
@@ -161,6 +171,7 @@ def test_scst_stage_runs_on_mirrored_images(trained: dict, shared: Path) -> None
     with (shared / "scst_hflip" / "csv" / "metrics.csv").open() as fh:
         rewards = [float(r["train/reward"]) for r in csv.DictReader(fh) if r.get("train/reward")]
     assert len(rewards) >= 10 and sum(rewards) / len(rewards) > 0.3
+    assert seen and all(f is not None and bool(f.all()) for f in seen)  # every sample mirrored
 
 
 def test_scst_mean_baseline_step_runs_and_uses_advantages(trained: dict) -> None:

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from imcap.errors import UserError
 
+# words whose meaning a left-right mirror swaps (data.hflip): a flipped image's captions swap them
+MIRROR_WORDS = (("left", "right"),)
+
 # Tokens pycocoevalcap's PTBTokenizer wrapper drops after tokenizing. It compares the *lower-cased*
 # Java output with "-LRB-", "-RRB-", ... so bracket tokens survive in the toolkit as "-lrb-" etc.;
 # we keep them too, to score exactly what the toolkit scores.
-# words whose meaning a left-right mirror swaps (data.hflip): a flipped image's captions swap them
-MIRROR_WORDS = (("left", "right"),)
 PUNCTUATION = frozenset({"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"})
 
 # The emulation below follows the rules of Stanford CoreNLP 3.4.1's PTBLexer (the jar pycocoevalcap

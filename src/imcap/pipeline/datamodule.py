@@ -311,7 +311,7 @@ class CaptionDataModule(L.LightningDataModule):
         # probability that a training image is seen mirrored left-right (its captions' left and
         # right swapped): augmentation; two-step mode caches the mirrored train images once
         self.hflip = float(hflip)
-        self._flip_rng = torch.Generator().manual_seed(seed + 1)  # apart from the sampler's
+        self._flip_rng = torch.Generator()  # seeded in setup: apart from the sampler's, per rank
         self.records: dict[str, list[ImageRecord]] | None = None
         self.vocab: Vocab | None = None
         self.encoder: Encoder | None = None
@@ -487,7 +487,13 @@ class CaptionDataModule(L.LightningDataModule):
             if self.cache.bad:
                 self.bad_counts["extraction"] = len(self.cache.bad)
         train = self.load_records()["train"]
-        if self.hflip > 0 and self.needs_train and self.flip_cache is None and train:
+        if (
+            self.hflip > 0
+            and self.needs_train
+            and not self.blind
+            and self.flip_cache is None
+            and train
+        ):
             # The train images mirrored, once (the val/test ones are never flipped): row i is
             # train record i, which is row i of the whole table too (train comes first).
             paths = [r.path for r in train]
@@ -549,9 +555,17 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_lengths = torch.tensor([len(t) for t in tokens])  # (P,)
         self.train_rows = torch.tensor(rows)  # (P,)
         self.train_row_set = set(rows)
-        if self.hflip > 0 and rows and max(rows) >= len(self.load_records()["train"]):
-            raise RuntimeError("data.hflip: training rows must come first in the image table")
+        n_train = len(self.load_records()["train"])
+        if self.flip_cache is not None and rows and max(rows) >= n_train:  # ids shared by splits
+            shared = sorted({self.image_ids[r] for r in rows if r >= n_train})
+            raise UserError(
+                f"data.hflip: {len(shared)} training image id(s) also belong to another split "
+                f"(e.g. {', '.join(shared[:3])}), so the mirrored cache cannot be matched to them; "
+                "fix the split lists, or set data.hflip=0"
+            )
         self._mirror = torch.tensor(self.vocab.mirror_ids())  # (V,) id -> its mirror's id
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self._flip_rng.manual_seed(self.seed + 1 + rank)  # each process its own draws
         self._token_lists = tokens
         self.eval_rows = {
             s: [
@@ -698,7 +712,12 @@ class CaptionDataModule(L.LightningDataModule):
             return self.bank[key][rows].float()
         if key not in self._device_bank:
             host = self.bank[key]
-            fits = bank_fits(host.numel() * host.element_size(), device)
+            nbytes = host.numel() * host.element_size()
+            # a bank and its mirrored twin (data.hflip) share the device's budget
+            twin = key.removesuffix("_flip") if key.endswith("_flip") else f"{key}_flip"
+            if twin in self.bank and twin not in self._device_bank:
+                nbytes += self.bank[twin].numel() * self.bank[twin].element_size()
+            fits = bank_fits(nbytes, device)
             self._device_bank[key] = host.to(device) if fits else None
             if not fits:
                 log.info(
@@ -726,7 +745,7 @@ class CaptionDataModule(L.LightningDataModule):
         rows = batch.rows
         pooled = self._gather("pooled", rows)  # (B, C)
         grid = self._gather("grid", rows) if self.grid else None  # (B, R, C')
-        if batch.flipped is not None and bool(batch.flipped.any()):
+        if batch.flipped is not None:  # (no .any(): a host sync per step)
             f = batch.flipped.to(rows.device)  # (B,) bool
             pooled[f] = self._gather("pooled_flip", rows[f])
             if grid is not None:
