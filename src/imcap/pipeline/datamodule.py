@@ -464,19 +464,7 @@ class CaptionDataModule(L.LightningDataModule):
             # Extraction draws random numbers (a DataLoader seeds its workers from torch's
             # generator) only when the cache is cold: keep them out of the run's streams, so
             # a seed gives the same run with a cold or a warm cache.
-            with preserved_rng(), cache_write_errors(self.cache_dir):
-                self.cache = ensure_features(
-                    self.encoder,
-                    paths,
-                    self.cache_dir,
-                    self.name,
-                    grid=self.grid,
-                    batch_size=self.eval_batch_size,
-                    num_workers=self.num_workers,
-                    bad_images=self.bad_images,
-                    precision=self.extract_precision,
-                    group=process_group(),  # DDP: every process extracts a shard (from setup)
-                )
+            self.cache = self._features(paths)
             if self.cache.bad and self.bad_images == "error":  # also when the cache is warm
                 paths = [str(self._all_records()[i].path) for i in sorted(self.cache.bad)[:3]]
                 raise UserError(
@@ -496,22 +484,25 @@ class CaptionDataModule(L.LightningDataModule):
         ):
             # The train images mirrored, once (the val/test ones are never flipped): row i is
             # train record i, which is row i of the whole table too (train comes first).
-            paths = [r.path for r in train]
-            with preserved_rng(), cache_write_errors(self.cache_dir):
-                self.flip_cache = ensure_features(
-                    self.encoder,
-                    paths,
-                    self.cache_dir,
-                    self.name,
-                    grid=self.grid,
-                    batch_size=self.eval_batch_size,
-                    num_workers=self.num_workers,
-                    bad_images=self.bad_images,
-                    precision=self.extract_precision,
-                    group=process_group(),
-                    hflip=True,
-                )
+            self.flip_cache = self._features([r.path for r in train], hflip=True)
         return self.cache
+
+    def _features(self, paths: list[Path], hflip: bool = False) -> CachedFeatures:
+        """The feature cache of these images (extracted when cold), random state untouched."""
+        with preserved_rng(), cache_write_errors(self.cache_dir):
+            return ensure_features(
+                self.encoder,
+                paths,
+                self.cache_dir,
+                self.name,
+                grid=self.grid,
+                batch_size=self.eval_batch_size,
+                num_workers=self.num_workers,
+                bad_images=self.bad_images,
+                precision=self.extract_precision,
+                group=process_group(),  # DDP: every process extracts a shard (from setup)
+                hflip=hflip,
+            )
 
     # -- datasets -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
