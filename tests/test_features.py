@@ -87,6 +87,51 @@ def test_cache_invalidates_when_inputs_change(tmp_path: Path) -> None:
     assert base not in dirs and len(dirs) == len(changed)
 
 
+def test_a_recopied_or_touched_data_folder_reuses_the_cache_and_changed_bytes_do_not(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import os
+    import shutil
+
+    paths = make_images(tmp_path / "img", 5)
+    paths[2].write_bytes(b"not an image")  # an unreadable row travels with the cache
+    cache = tmp_path / "cache"
+    enc = tiny_encoder()
+    a = ensure_features(enc, paths, cache, "toy", grid=True, batch_size=4, num_workers=0)
+    assert a.bad == {2} and a.manifest["content_sha1"]
+    shutil.copytree(tmp_path / "img", tmp_path / "copy")  # the data folder copied elsewhere
+    copies = [tmp_path / "copy" / p.name for p in paths]
+    os.utime(paths[0], ns=(10**18, 10**18))  # and the original touched
+
+    calls = []
+    real_forward = enc.forward
+    monkeypatch.setattr(
+        enc, "forward", lambda x, **kw: calls.append(len(x)) or real_forward(x, **kw)
+    )
+    moved = ensure_features(enc, copies, cache, "toy", grid=True, batch_size=4, num_workers=0)
+    touched = ensure_features(enc, paths, cache, "toy", grid=True, batch_size=4, num_workers=0)
+    assert calls == []  # neither ran the encoder
+    assert moved.manifest["adopted_from"] == a.directory.name
+    assert touched.manifest["adopted_from"] in {a.directory.name, moved.directory.name}
+    assert len({a.directory, moved.directory, touched.directory}) == 3
+    for c in (moved, touched):
+        assert np.array_equal(c.pooled, a.pooled) and np.array_equal(c.grid, a.grid)
+        assert c.bad == {2}
+    assert moved.manifest["bad_files"] == [str(copies[2])]
+    assert (moved.directory / "images.txt").read_text().splitlines() == [str(p) for p in copies]
+
+    # one image's bytes changed: extracted afresh, not adopted from a cache of other bytes
+    Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(copies[1], format="PNG")
+    changed = ensure_features(enc, copies, cache, "toy", grid=True, batch_size=4, num_workers=0)
+    assert calls and "adopted_from" not in changed.manifest
+    assert not np.array_equal(changed.pooled[1], a.pooled[1])
+    assert np.allclose(changed.pooled[3].astype(np.float32), a.pooled[3].astype(np.float32))
+    # same bytes, other inputs (no grid): never adopted from the grid cache
+    calls.clear()
+    pooled_only = ensure_features(enc, copies[:1] + paths[1:], cache, "toy", num_workers=0)
+    assert calls and "adopted_from" not in pooled_only.manifest
+
+
 def _extract_in_process(args) -> str:
     paths, cache = args
     return str(ensure_features(tiny_encoder(), paths, cache, "toy", num_workers=0).directory)

@@ -13,6 +13,11 @@ dataset, image list, grid or not), so a changed encoder or dataset gets a new ca
 every run and sweep trial with the same inputs reuses the old one. Extraction holds a file
 lock, so two runs that start at once extract once; a cache only appears when complete.
 
+Images are keyed cheaply, on path, size and modification time. When that misses but an
+existing cache differs in nothing else, the images' bytes are hashed and compared with the
+content digest that cache recorded: a data folder copied again, moved or touched (same bytes)
+reuses the cache (hard links, a new manifest) in seconds instead of extracting it again.
+
 Under DDP (`group=`, every process calling together) each process encodes a contiguous run of
 whole batches into its own shard files in rank 0's temporary folder, and rank 0 copies them
 into the one cache and renames it into place: the same bytes as a single-process extraction,
@@ -109,6 +114,19 @@ def _file_ident(path: Path) -> str:
     except OSError:
         return f"{p}\tmissing"
     return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
+
+
+def content_digest(paths: Sequence[Path]) -> str:
+    """sha1 over the images' bytes, in order (a missing file counts as missing): what decides
+    whether a cache keyed on other paths or modification times still holds these images."""
+    whole = hashlib.sha1()
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                whole.update(hashlib.file_digest(fh, "sha1").digest())
+        except OSError:
+            whole.update(b"missing")
+    return whole.hexdigest()
 
 
 @contextmanager
@@ -216,7 +234,7 @@ def _ensure_alone(job: _Job) -> CachedFeatures:
         return open_cache(job.directory)
     explain_miss(job.directory, job.ident)
     with _locked(job.folder / f"{job.key}.lock"):
-        if job.hit():  # another run finished it while we waited
+        if job.hit() or _adopt(job):  # another run finished it while we waited, or same bytes
             return open_cache(job.directory)
         tmp = job.new_tmp()
         try:
@@ -310,7 +328,8 @@ def _ensure_sharded(job: _Job, group: ProcessGroup) -> CachedFeatures:
             try:
                 explain_miss(job.directory, job.ident)
                 held.enter_context(_locked(job.folder / f"{job.key}.lock"))
-                if not job.hit():  # else another run finished it while we waited
+                # else another run finished it while we waited, or one holds the same bytes
+                if not job.hit() and not _adopt(job):
                     tmp = job.new_tmp()
                     held.callback(shutil.rmtree, tmp, ignore_errors=True)
                     (tmp / "shards").mkdir()
@@ -352,6 +371,59 @@ def _ensure_sharded(job: _Job, group: ProcessGroup) -> CachedFeatures:
     if not shared:  # outside the lock: the fallback takes it again
         return _ensure_alone(job)
     return _open_shared(job)
+
+
+def _adopt(job: _Job) -> bool:
+    """Install a cache for `job` made of an existing one that differs only in how the images
+    were keyed (paths, sizes, modification times) and recorded the same content digest: its
+    arrays hard-linked (copied across file systems), a manifest naming the new paths. Caller
+    holds the lock. False (and nothing written) when no cache holds these exact bytes."""
+    same = [k for k in job.ident if k not in ("images_sha1", "weights")]
+    candidates = []
+    for path in sorted(job.folder.glob("*/manifest.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("content_sha1") and all(manifest.get(k) == job.ident[k] for k in same):
+            candidates.append((path.parent, manifest))
+    if not candidates:
+        return False
+    start = time.perf_counter()
+    digest = content_digest(job.paths)
+    found = next(((d, m) for d, m in candidates if m["content_sha1"] == digest), None)
+    if found is None:
+        log.info("feature cache: no cache holds these images' bytes (%d compared)", len(candidates))
+        return False
+    source, manifest = found
+    tmp = job.new_tmp()
+    try:
+        for name in ("pooled.f16", "grid.f16"):
+            if (source / name).exists():
+                try:
+                    os.link(source / name, tmp / name)
+                except OSError:  # another file system, or no hard links there
+                    shutil.copyfile(source / name, tmp / name)
+        bad = manifest["bad_rows"]
+        job.install(
+            tmp,
+            {
+                **manifest,
+                **job.ident,
+                "bad_files": [str(job.paths[i]) for i in bad],
+                "content_sha1": digest,
+                "adopted_from": source.name,
+            },
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "feature cache reused: the images are byte-identical to those of %s (copied, moved or "
+        "touched since), checked in %.1fs; no extraction",
+        source,
+        time.perf_counter() - start,
+    )
+    return True
 
 
 def _open_shared(job: _Job) -> CachedFeatures:
@@ -455,6 +527,7 @@ def _manifest(job: _Job, shard: dict, seconds: float) -> dict:
         "grid_dim": shard["grid_dim"],
         "bad_rows": sorted(bad),
         "bad_files": [str(job.paths[i]) for i in sorted(bad)],
+        "content_sha1": content_digest(job.paths),  # lets a re-copied data folder reuse it
         "seconds": round(seconds, 2),
         "images_per_second": round(n / max(seconds, 1e-9), 2),
         "device": str(job.device),
