@@ -397,6 +397,30 @@ def test_an_image_and_its_mirror_are_distinct_inputs_of_the_tuned_stage(shared: 
     assert torch.equal(both.grid[0], both.grid[1])  # one image: computed once, shared
     assert not torch.allclose(apart.grid[0], apart.grid[1])  # image and mirror: each its own
 
+    # training_step end to end: the attribute loss of a mirrored item targets right for left
+    import imcap.model.module as module_mod
+
+    seen = []
+    real_bce = module_mod.F.binary_cross_entropy_with_logits
+
+    def spy(logits, targets, *args, **kwargs):
+        seen.append(targets.detach().clone())
+        return real_bce(logits, targets, *args, **kwargs)
+
+    ids = [vocab.index[w] for w in ("a", "red", "disc", "on", "the", "left")]
+    tokens = torch.tensor([[vocab.bos_id, *ids, vocab.eos_id]] * 2)  # (2, T+2)
+    batch = Batch(rows=rows, grid=grid, pooled=grid.mean(1), tokens=tokens)
+    module_mod.F.binary_cross_entropy_with_logits = spy
+    try:
+        model.training_step(batch.with_(flipped=torch.tensor([False, True])), 0)
+    finally:
+        module_mod.F.binary_cross_entropy_with_logits = real_bce
+    (targets,) = seen  # (2, K): row 0 seen plain, then mirrored
+    assert targets[0, left] == 1 and targets[0, right] == 0
+    assert targets[1, left] == 0 and targets[1, right] == 1
+    others = [j for j in range(len(column)) if j not in (left, right)]
+    assert torch.equal(targets[0, others], targets[1, others])
+
 
 def test_tune_stages_refuses_what_it_cannot_split() -> None:
     from imcap.model.encoder import Encoder
