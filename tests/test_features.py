@@ -132,6 +132,47 @@ def test_a_recopied_or_touched_data_folder_reuses_the_cache_and_changed_bytes_do
     assert calls and "adopted_from" not in pooled_only.manifest
 
 
+def test_cache_reuse_needs_the_same_identity_order_and_a_source_that_is_still_there(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Byte-identical images are not enough: a mirrored cache, another image order, a damaged
+    manifest or a source removed mid-way never give a plain run its features (it extracts)."""
+    import os
+
+    import imcap.pipeline.features as features_mod
+
+    paths = make_images(tmp_path / "img", 4)
+    cache = tmp_path / "cache"
+    enc = tiny_encoder()
+    flipped = ensure_features(enc, paths, cache, "toy", hflip=True, num_workers=0)
+    (cache / "toy" / "0123456789abcdef").mkdir()
+    (cache / "toy" / "0123456789abcdef" / "manifest.json").write_text("{not json")
+    calls = []
+    real_forward = enc.forward
+    monkeypatch.setattr(
+        enc, "forward", lambda x, **kw: calls.append(len(x)) or real_forward(x, **kw)
+    )
+
+    def fresh(image_paths: list[Path]):
+        calls.clear()
+        c = ensure_features(enc, image_paths, cache, "toy", num_workers=0)
+        assert calls and "adopted_from" not in c.manifest, c.manifest.get("adopted_from")
+        return c
+
+    plain = fresh(paths)  # same bytes, mirrored cache: not adopted
+    assert not np.allclose(plain.pooled.astype(np.float32), flipped.pooled.astype(np.float32))
+    fresh(paths[::-1])  # the same images in another order: rows would be wrong
+    os.utime(paths[0], ns=(10**18, 10**18))
+
+    def vanished(src, dst):
+        raise FileNotFoundError(src)
+
+    monkeypatch.setattr(features_mod.os, "link", vanished)  # the source removed meanwhile
+    fresh(paths)
+    leftovers = [p.name for p in (cache / "toy").iterdir() if ".tmp" in p.name]
+    assert leftovers == []
+
+
 def _extract_in_process(args) -> str:
     paths, cache = args
     return str(ensure_features(tiny_encoder(), paths, cache, "toy", num_workers=0).directory)

