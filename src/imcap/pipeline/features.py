@@ -14,8 +14,8 @@ every run and sweep trial with the same inputs reuses the old one. Extraction ho
 lock, so two runs that start at once extract once; a cache only appears when complete.
 
 Images are keyed cheaply, on path, size and modification time. When that misses but an
-existing cache differs in nothing else, the images' bytes are hashed and compared with the
-content digest that cache recorded: a data folder copied again, moved or touched (same bytes)
+existing cache differs in nothing else, the images' sizes and then their bytes (in order) are
+hashed and compared with the digests that cache recorded before extracting: a data folder copied again, moved or touched (same bytes)
 reuses the cache (hard links, a new manifest) in seconds instead of extracting it again.
 
 Under DDP (`group=`, every process calling together) each process encodes a contiguous run of
@@ -406,16 +406,15 @@ def _adopt(job: _Job) -> bool:
     holds the lock. False (and nothing written) when no cache holds these exact bytes, or the
     one that did vanished meanwhile: the caller then extracts."""
     candidates = []
-    for path in sorted(job.folder.glob("*/manifest.json")):
+    for folder, manifest in _manifests(job.folder):
         try:
-            manifest = json.loads(path.read_text())
             # every identity field equal but the image keying: the folder name must be the key
             # of this job's identity with the candidate's image keying (tmp folders never are)
-            same = path.parent.name == key_of({**job.ident, "images_sha1": manifest["images_sha1"]})
-        except (OSError, ValueError, KeyError, TypeError):
+            same = folder.name == key_of({**job.ident, "images_sha1": manifest["images_sha1"]})
+        except (KeyError, TypeError):
             continue
         if same and manifest.get("content_sha1") and manifest.get("sizes_sha1"):
-            candidates.append((path.parent, manifest))
+            candidates.append((folder, manifest))
     if not candidates:
         return False
     start = time.perf_counter()
@@ -594,16 +593,23 @@ def extraction_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def _manifests(folder: Path) -> list[tuple[Path, dict]]:
+    """Every cache folder of a dataset with its manifest, in name order; a damaged or vanishing
+    one is left out (it can neither explain a miss nor be reused)."""
+    found = []
+    for path in sorted(folder.glob("*/manifest.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict):
+            found.append((path.parent, manifest))
+    return found
+
+
 def explain_miss(directory: Path, ident: dict) -> None:
     """Say why no existing cache of this dataset fits (which inputs changed), before extracting."""
-    others = []
-    for m in directory.parent.glob("*/manifest.json"):
-        try:
-            other = json.loads(m.read_text())
-        except (OSError, ValueError):  # a damaged or vanishing cache says nothing here
-            continue
-        if isinstance(other, dict):
-            others.append(other)
+    others = [manifest for _, manifest in _manifests(directory.parent)]
     if not others:
         log.info("no feature cache yet for %s: extracting", ident["dataset"])
         return
